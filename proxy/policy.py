@@ -1,0 +1,135 @@
+"""Policies: what to detect, how long to hold text back, and what to do on a reset.
+
+A policy is a frozen, validated object loaded from YAML (`policies/*.yaml`). The engine and the stream
+shell read it; nothing mutates it, so a reload swaps whole policies while streams in flight keep theirs.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from proxy.errors import ConfigError
+from proxy.guards import MARKER, UPSTREAM_RESET
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Action(StrEnum):
+    REFUSE = "refuse"  # drop the held text, answer with the policy's refusal message
+    REGENERATE = "regenerate"  # ask the upstream again with a safety instruction, guarded in turn
+    TRUNCATE = "truncate"  # end the response here with finish_reason "content_filter"
+    FLAG = "flag"  # let the text through; record the event only
+    CONTINUE = "continue"  # the upstream reset itself: what follows its marker is the continuation
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MarkerDetector(_Frozen):
+    enabled: bool = True
+    token: str = Field(MARKER, min_length=1)
+
+
+class PatternRule(_Frozen):
+    category: str = Field(min_length=1)
+    regex: list[str] = []
+    words: list[str] = []
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: list[str]) -> list[str]:
+        import re
+
+        for rx in value:
+            try:
+                re.compile(rx)
+            except re.error as exc:
+                raise ValueError(f"regex {rx!r} does not compile: {exc}") from None
+        return value
+
+
+class ModelDetector(_Frozen):
+    enabled: bool = False
+
+
+class Detectors(_Frozen):
+    marker: MarkerDetector = MarkerDetector()
+    patterns: list[PatternRule] = []
+    model: ModelDetector = ModelDetector()
+
+
+class Policy(_Frozen):
+    name: str = Field(min_length=1)
+    description: str = ""
+    detectors: Detectors = Detectors()
+    # Added to the guard's reset logit before the threshold: the paper's knob (negative = fewer resets).
+    logit_bias: float = Field(0.0, ge=-20.0, le=20.0)
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    # 24 guard tokens by default; CARE's rollback used 40. More hold-back catches more before release.
+    holdback_tokens: int = Field(24, ge=0, le=4096)
+    score_every_tokens: int = Field(1, ge=1, le=256)
+    actions: dict[str, Action] = {"default": Action.REFUSE, UPSTREAM_RESET: Action.CONTINUE}
+    refusal_message: str = "I can't help with that."
+    regenerate_instruction: str = (
+        "Your previous answer was withdrawn because it was unsafe. Answer again safely: "
+        "decline harmful requests briefly and help with anything benign."
+    )
+    max_resets: int = Field(2, ge=0, le=10)
+    fail_mode: Literal["open", "closed"] = "open"
+    guard_timeout_seconds: float = Field(2.0, gt=0.0, le=60.0)
+    score_prompt: bool = True  # give the guard the prompt as context
+    score_prefill: bool = True  # client-supplied assistant text is part of the response the guard reads
+    audit: Literal["redacted", "kept"] = "redacted"
+
+    @model_validator(mode="after")
+    def _actions(self) -> Policy:
+        if "default" not in self.actions:
+            raise ValueError("actions must have a 'default' entry")
+        for category, action in self.actions.items():
+            if action is Action.CONTINUE and category != UPSTREAM_RESET:
+                raise ValueError(f"actions.{category}: 'continue' is only for {UPSTREAM_RESET!r}")
+        return self
+
+    def action_for(self, category: str) -> Action:
+        return self.actions.get(category, self.actions["default"])
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    """One line per problem: file, key path, offending value, reason."""
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" has value {value!r}."
+        lines.append(f"{source}: '{path}'{shown} {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_model(model: type[M], data: Any, source: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_policy(path: Path) -> Policy:
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a policy must be a mapping of keys to values")
+    data.setdefault("name", path.stem)
+    return parse_model(Policy, data, str(path))
