@@ -1,0 +1,434 @@
+"""`backtrack replay-upstream`: a stand-in LLM server for demos, tests and benchmarks.
+
+It speaks OpenAI's chat completions and completions APIs. For a request whose last user message (chat)
+or `prompt` (completions) equals a row's `prompt`, it answers that row's `response`, streamed as
+token-sized deltas (`ApproxTokenizer`) at up to `tokens_per_second`; anything else gets `DEFAULT_ANSWER`.
+Rows sharing a prompt are served round-robin, so asking twice can give two different answers.
+
+`GET /_replay/stats` reports what the server saw, for tests: counts of completion requests and streams
+(started, completed, cancelled by a client that went away), and the last completion request's JSON body
+and headers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from proxy.errors import ConfigError
+from proxy.tokens import ApproxTokenizer
+
+DEMO_CORPUS = Path(__file__).parent / "demo" / "corpus.jsonl"
+DEFAULT_ANSWER = (
+    "This is the replay upstream's default answer: no recorded conversation matches your message, "
+    "so here is a short, friendly sentence instead. Ask one of the demo prompts to hear a recorded reply."
+)
+MODEL_ID = "replay"
+# OpenAI rejects larger `n`; a cap keeps one request from asking for an unbounded amount of work.
+MAX_N = 128
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One recorded exchange: the prompt it answers (None: never matched) and the response to replay."""
+
+    prompt: str | None
+    response: str
+
+
+@dataclass
+class ReplayStats:
+    requests: int = 0
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_cancelled: int = 0
+    last_request: Any = None
+    last_headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ReplayState:
+    responses: dict[str, list[str]]
+    tokens_per_second: float | None
+    stats: ReplayStats = field(default_factory=ReplayStats)
+    served: dict[str, int] = field(default_factory=dict)  # per prompt: how many answers given so far
+    tokenizer: ApproxTokenizer = field(default_factory=ApproxTokenizer)
+
+    def answer(self, prompt: str | None) -> str:
+        """The next response for `prompt`, round-robin over the rows that share it."""
+        if prompt is None or prompt not in self.responses:
+            return DEFAULT_ANSWER
+        candidates = self.responses[prompt]
+        turn = self.served.get(prompt, 0)
+        self.served[prompt] = turn + 1
+        return candidates[turn % len(candidates)]
+
+
+REPLAY_STATE = web.AppKey("replay_state", ReplayState)
+
+
+class InvalidRequest(Exception):
+    """A request the OpenAI API would refuse with 400; answered in OpenAI's error format."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def load_rows(path: Path) -> list[Row]:
+    """Read rows in the shared data schema (JSONL); only `prompt` and `response` are used.
+
+    Raises `ConfigError` naming the file and line of the first problem.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{number}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}:{number}: a row must be a JSON object, got {type(data).__name__}")
+        response, prompt = data.get("response"), data.get("prompt")
+        if not isinstance(response, str):
+            raise ConfigError(f"{path}:{number}: 'response' must be a string, got {response!r}")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ConfigError(f"{path}:{number}: 'prompt' must be a string or null, got {prompt!r}")
+        rows.append(Row(prompt=prompt, response=response))
+    if not rows:
+        raise ConfigError(f"{path}: no rows")
+    return rows
+
+
+def create_replay_app(rows: list[Row], tokens_per_second: float | None = None) -> web.Application:
+    """The replay server for `rows`; at most `tokens_per_second` deltas a second per stream (None: any)."""
+    responses: dict[str, list[str]] = {}
+    for row in rows:
+        if row.prompt is not None:
+            responses.setdefault(row.prompt, []).append(row.response)
+    app = web.Application(middlewares=[_openai_errors])
+    app[REPLAY_STATE] = ReplayState(responses=responses, tokens_per_second=tokens_per_second or None)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/_replay/stats", _stats)
+    return app
+
+
+def _error(
+    status: int, message: str, kind: str, param: str | None = None, code: str | None = None
+) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except InvalidRequest as exc:
+        return _error(400, exc.message, "invalid_request_error", exc.param, exc.code)
+    except web.HTTPException as exc:
+        # 404, 405, 413 from aiohttp itself: same error shape as OpenAI so clients parse them alike.
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.text or exc.reason, "invalid_request_error")
+
+
+async def _read_body(request: web.Request) -> dict[str, Any]:
+    """The JSON object body of a completion request; recorded in the stats before it is validated."""
+    state = request.app[REPLAY_STATE]
+    state.stats.requests += 1
+    state.stats.last_headers = dict(request.headers)
+    state.stats.last_request = None
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequest("We could not parse the JSON body of your request.") from None
+    state.stats.last_request = body
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+@dataclass(frozen=True)
+class _Params:
+    model: str
+    stream: bool
+    include_usage: bool
+    n: int
+
+
+def _params(body: dict[str, Any]) -> _Params:
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest("Missing required parameter: 'model'.", "model", "missing_required_parameter")
+    if not isinstance(model, str):
+        raise InvalidRequest("'model' must be a string.", "model", "invalid_type")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean.", "stream", "invalid_type")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object.", "stream_options", "invalid_type")
+    include_usage = options.get("include_usage") or False
+    if not isinstance(include_usage, bool):
+        raise InvalidRequest(
+            "'include_usage' must be a boolean.", "stream_options.include_usage", "invalid_type"
+        )
+    n = body.get("n")
+    n = 1 if n is None else n
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise InvalidRequest(f"'n' must be an integer from 1 to {MAX_N}.", "n", "invalid_value")
+    return _Params(model=model, stream=stream, include_usage=include_usage, n=n)
+
+
+def _message_text(content: Any, where: str) -> str:
+    """The text of a message's content: a string, or a list of parts of which the text ones count."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict):
+                raise InvalidRequest(f"'{where}' parts must be objects.", where, "invalid_type")
+            if part.get("type") == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise InvalidRequest(f"'{where}' text parts need a string 'text'.", where, "invalid_type")
+                texts.append(text)
+        return "".join(texts)
+    raise InvalidRequest(f"'{where}' must be a string or a list of parts.", where, "invalid_type")
+
+
+def _chat_prompt(body: dict[str, Any]) -> tuple[str | None, str]:
+    """The last user message (None without one) and all message text, for the usage count."""
+    messages = body.get("messages")
+    if messages is None:
+        raise InvalidRequest(
+            "Missing required parameter: 'messages'.", "messages", "missing_required_parameter"
+        )
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array.", "messages", "invalid_value")
+    last_user, texts = None, []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"'messages[{i}]' must be an object with a 'role'.", f"messages[{i}]", "invalid_type"
+            )
+        text = _message_text(message.get("content"), f"messages[{i}].content")
+        texts.append(text)
+        if message["role"] == "user":
+            last_user = text
+    return last_user, "\n".join(texts)
+
+
+def _completion_prompt(body: dict[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise InvalidRequest("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+    if not isinstance(prompt, str):
+        raise InvalidRequest("'prompt' must be a string.", "prompt", "invalid_type")
+    return prompt
+
+
+def _usage(state: ReplayState, prompt_text: str, pieces: list[str], n: int) -> dict[str, int]:
+    prompt_tokens = len(state.tokenizer.split(prompt_text))
+    completion_tokens = len(pieces) * n
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[REPLAY_STATE]
+    body = await _read_body(request)
+    params = _params(body)
+    prompt, prompt_text = _chat_prompt(body)
+    text = state.answer(prompt)
+    pieces = state.tokenizer.split(text)
+    usage = _usage(state, prompt_text, pieces, params.n)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": params.model}
+    if not params.stream:
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+            for i in range(params.n)
+        ]
+        return web.json_response({**head, "object": "chat.completion", "choices": choices, "usage": usage})
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None, index: int) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        payload = {**head, "object": "chat.completion.chunk", "choices": [choice]}
+        if params.include_usage:
+            payload["usage"] = None  # as OpenAI does: every chunk but the last carries a null usage
+        return _sse(payload)
+
+    def steps() -> Iterator[bytes]:
+        yield b"".join(chunk({"role": "assistant", "content": ""}, None, i) for i in range(params.n))
+        for piece in pieces:
+            yield b"".join(chunk({"content": piece}, None, i) for i in range(params.n))
+        yield b"".join(chunk({}, "stop", i) for i in range(params.n))
+
+    usage_chunk = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+    return await _stream(request, steps(), usage_chunk if params.include_usage else None)
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[REPLAY_STATE]
+    body = await _read_body(request)
+    params = _params(body)
+    prompt = _completion_prompt(body)
+    text = state.answer(prompt)
+    pieces = state.tokenizer.split(text)
+    usage = _usage(state, prompt, pieces, params.n)
+    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time())}
+    if not params.stream:
+        choices = [
+            {"text": text, "index": i, "logprobs": None, "finish_reason": "stop"} for i in range(params.n)
+        ]
+        return web.json_response({**head, "model": params.model, "choices": choices, "usage": usage})
+
+    def chunk(piece: str, finish_reason: str | None, index: int) -> bytes:
+        choice = {"text": piece, "index": index, "logprobs": None, "finish_reason": finish_reason}
+        payload: dict[str, Any] = {**head, "model": params.model, "choices": [choice]}
+        if params.include_usage:
+            payload["usage"] = None
+        return _sse(payload)
+
+    def steps() -> Iterator[bytes]:
+        for piece in pieces:
+            yield b"".join(chunk(piece, None, i) for i in range(params.n))
+        yield b"".join(chunk("", "stop", i) for i in range(params.n))
+
+    usage_chunk = {**head, "model": params.model, "choices": [], "usage": usage}
+    return await _stream(request, steps(), usage_chunk if params.include_usage else None)
+
+
+async def _stream(
+    request: web.Request, steps: Iterator[bytes], usage: dict[str, Any] | None
+) -> web.StreamResponse:
+    """Write `steps` as SSE at the configured rate, then the usage chunk and `[DONE]`.
+
+    Step i goes out at start + i/R rather than after a sleep of 1/R, so time spent writing does not
+    accumulate and the rate holds over long streams.
+    """
+    state = request.app[REPLAY_STATE]
+    loop = asyncio.get_running_loop()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    state.stats.streams_started += 1
+    try:
+        await response.prepare(request)
+        start = loop.time()
+        for i, step in enumerate(steps):
+            if state.tokens_per_second:
+                delay = start + i / state.tokens_per_second - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await response.write(step)
+        if usage is not None:
+            await response.write(_sse(usage))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except ConnectionResetError:
+        # The client went away; aiohttp closes the connection, nothing is left to answer.
+        state.stats.streams_cancelled += 1
+        return response
+    except asyncio.CancelledError:
+        state.stats.streams_cancelled += 1
+        raise
+    state.stats.streams_completed += 1
+    return response
+
+
+async def _models(request: web.Request) -> web.Response:
+    model = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "backtrack"}
+    return web.json_response({"object": "list", "data": [model]})
+
+
+async def _stats(request: web.Request) -> web.Response:
+    stats = request.app[REPLAY_STATE].stats
+    return web.json_response(
+        {
+            "requests": stats.requests,
+            "streams_started": stats.streams_started,
+            "streams_completed": stats.streams_completed,
+            "streams_cancelled": stats.streams_cancelled,
+            "last_request": stats.last_request,
+            "last_headers": stats.last_headers,
+        }
+    )
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `replay-upstream` to the `backtrack` command line."""
+    parser = subparsers.add_parser(
+        "replay-upstream",
+        help="serve recorded responses as a stand-in OpenAI-compatible LLM",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEMO_CORPUS,
+        help="JSONL rows with prompt and response (default: demo corpus)",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument(
+        "--tokens-per-second",
+        type=float,
+        default=None,
+        help="deltas per second per stream (default: no limit)",
+    )
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the replay server until interrupted; 2 when the data file is bad."""
+    try:
+        rows = load_rows(args.data)
+    except ConfigError as exc:
+        print(f"backtrack replay-upstream: error: {exc.message}", file=sys.stderr)
+        return 2
+    app = create_replay_app(rows, args.tokens_per_second)
+    print(
+        f"replay-upstream: {len(rows)} rows from {args.data} on http://{args.host}:{args.port}",
+        file=sys.stderr,
+    )
+    # No access log: a benchmark sends thousands of requests and the log line costs as much as the reply.
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    return 0
