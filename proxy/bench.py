@@ -1,0 +1,491 @@
+"""`backtrack bench proxy`: what the proxy adds to a stream, measured against the upstream alone.
+
+One run starts `replay-upstream` and two proxies in front of it as subprocesses, then sends the same
+workload (N concurrent streams, each making requests one after another) three ways:
+
+    direct          client -> replay-upstream
+    proxy           client -> backtrack serve --config CONFIG -> replay-upstream
+    proxy (hb N)    the same, with a temporary marker-only policy whose `holdback_tokens` is N (default 0)
+
+The proxy holds text back until it is `holdback_tokens` behind the head, so its time to the first content
+token (TTFT) includes waiting for that many upstream tokens. The hold-back variant separates the two: its
+added TTFT is the proxy's own overhead, and TTFT(proxy) - TTFT(proxy, hb 0) is the hold-back delay.
+TTFB (first SSE event of any kind) is reported as well. "Added" numbers are proxy minus direct at the same
+concurrency, percentile by percentile. CPU is the server process's utime + stime from /proc/PID/stat,
+per 1,000 content chunks the client received.
+
+A benchmark, not a test: nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+import yaml
+
+import proxy
+from proxy.errors import BacktrackError
+from proxy.replay import Row, load_rows
+from proxy.tokens import ApproxTokenizer
+
+PACKAGE_ROOT = Path(proxy.__file__).resolve().parent.parent
+DEFAULT_CONFIG = PACKAGE_ROOT / "config.yaml"
+BENCH_PROMPT = "Describe the benchmark garden."
+# Long enough that per-chunk costs dominate the per-request ones; numbered so no two chunks are equal.
+BENCH_RESPONSE_TOKENS = 200
+STARTUP_SECONDS = 120.0
+
+
+class BenchError(BacktrackError):
+    """The benchmark could not run: a server did not start, or the options are wrong."""
+
+
+@dataclass
+class Sample:
+    """One streamed request as the client saw it; times in seconds from sending the request."""
+
+    ttfb: float | None = None
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    chunks: int = 0
+    ok: bool = False
+
+
+@dataclass
+class PathRun:
+    """All requests of one path at one concurrency, and the server's CPU time while they ran."""
+
+    path: str
+    concurrency: int
+    seconds: float
+    cpu_seconds: float
+    samples: list[Sample]
+
+    def summary(self) -> dict[str, Any]:
+        chunks = sum(s.chunks for s in self.samples)
+        ms = 1000.0
+        ttfb = [s.ttfb * ms for s in self.samples if s.ttfb is not None]
+        ttft = [s.ttft * ms for s in self.samples if s.ttft is not None]
+        gaps = [g * ms for s in self.samples for g in s.gaps]
+        return {
+            "path": self.path,
+            "concurrency": self.concurrency,
+            "requests": len(self.samples),
+            "errors": sum(not s.ok for s in self.samples),
+            "chunks": chunks,
+            "ttfb_ms": _quantiles(ttfb),
+            "ttft_ms": _quantiles(ttft),
+            "gap_ms": _quantiles(gaps),
+            "chunks_per_s": chunks / self.seconds if self.seconds else None,
+            "cpu_s_per_1k_chunks": self.cpu_seconds / chunks * 1000 if chunks else None,
+        }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (0..1) of `values`, linearly interpolated; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _quantiles(values: list[float]) -> dict[str, float | None]:
+    return {"p50": percentile(values, 0.5), "p99": percentile(values, 0.99)}
+
+
+def bench_row() -> Row:
+    """A benign response of exactly `BENCH_RESPONSE_TOKENS` approximate tokens, no two of them alike."""
+    words = []
+    for i in range(BENCH_RESPONSE_TOKENS):
+        words.append(f"Bed {i} holds tulips and bed {i + 1} holds roses.")
+    pieces = ApproxTokenizer().split(" ".join(words))[:BENCH_RESPONSE_TOKENS]
+    return Row(prompt=BENCH_PROMPT, response="".join(pieces))
+
+
+def expected_answers(rows: list[Row]) -> dict[str, str]:
+    """Prompts whose answer is fixed and passes a marker-only proxy unchanged, with that answer."""
+    by_prompt: dict[str, list[str]] = {}
+    for row in rows:
+        if row.prompt is not None:
+            by_prompt.setdefault(row.prompt, []).append(row.response)
+    return {p: r[0] for p, r in by_prompt.items() if len(r) == 1 and "[RESET]" not in r[0]}
+
+
+# --- subprocesses -------------------------------------------------------------------------------------
+
+
+class Server:
+    """A child process serving HTTP on `port`, its output in `log`."""
+
+    def __init__(self, name: str, command: list[str], port: int, log_path: Path) -> None:
+        self.name = name
+        self.port = port
+        self.log_path = log_path
+        self._log: TextIO = log_path.open("w", encoding="utf-8")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the process so far."""
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        # The command name (field 2) may contain spaces; the numeric fields start after its ')'.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def log_tail(self, lines: int = 20) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def _servers() -> Iterator[list[Server]]:
+    """Children started into the yielded list are stopped on the way out, error or not."""
+    started: list[Server] = []
+    try:
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+async def _wait_until_up(session: aiohttp.ClientSession, server: Server, path: str) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise BenchError(f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            async with session.get(server.url + path) as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass  # not listening yet
+        await asyncio.sleep(0.1)
+    raise BenchError(f"{server.name} did not answer {path} within {STARTUP_SECONDS:.0f} s:\n{server.log_tail()}")
+
+
+# --- load ---------------------------------------------------------------------------------------------
+
+
+async def _one_request(session: aiohttp.ClientSession, url: str, prompt: str, expected: str | None) -> Sample:
+    sample = Sample()
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "stream": True}
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    last_content: float | None = None
+    text: list[str] = []
+    done = False
+    try:
+        async with session.post(url, json=body, headers={"Authorization": "Bearer bench"}) as response:
+            if response.status != 200:
+                await response.read()
+                return sample
+            async for line in response.content:
+                if not line.startswith(b"data:"):
+                    continue
+                now = loop.time() - started
+                if sample.ttfb is None:
+                    sample.ttfb = now
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    return sample
+                content = "".join((c.get("delta") or {}).get("content") or "" for c in event.get("choices", []))
+                if not content:
+                    continue
+                text.append(content)
+                sample.chunks += 1
+                if sample.ttft is None:
+                    sample.ttft = now
+                else:
+                    assert last_content is not None
+                    sample.gaps.append(now - last_content)
+                last_content = now
+    except (aiohttp.ClientError, json.JSONDecodeError):
+        return sample
+    sample.ok = done and (expected is None or "".join(text) == expected)
+    return sample
+
+
+async def _run_path(
+    server: Server, name: str, concurrency: int, requests: int, prompts: list[str], expected: dict[str, str]
+) -> PathRun:
+    url = server.url + "/v1/chat/completions"
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        # Warm-up: open connections and let both servers reach steady state before measuring.
+        await asyncio.gather(*(_one_request(session, url, prompts[0], None) for _ in range(concurrency)))
+
+        async def stream(index: int) -> list[Sample]:
+            samples = []
+            for k in range(requests):
+                prompt = prompts[(index + k) % len(prompts)]
+                samples.append(await _one_request(session, url, prompt, expected.get(prompt)))
+            return samples
+
+        cpu_before = server.cpu_seconds()
+        started = time.perf_counter()
+        results = await asyncio.gather(*(stream(i) for i in range(concurrency)))
+        seconds = time.perf_counter() - started
+        cpu = server.cpu_seconds() - cpu_before
+    return PathRun(name, concurrency, seconds, cpu, [s for r in results for s in r])
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+
+def added_latency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Proxy minus direct at the same concurrency, for TTFB, TTFT and inter-chunk gap (ms)."""
+    direct = {r["concurrency"]: r for r in rows if r["path"] == "direct"}
+    added = []
+    for row in rows:
+        base = direct.get(row["concurrency"])
+        if row["path"] == "direct" or base is None:
+            continue
+        entry: dict[str, Any] = {"path": row["path"], "concurrency": row["concurrency"]}
+        for metric in ("ttfb_ms", "ttft_ms", "gap_ms"):
+            entry[metric] = {
+                q: None if row[metric][q] is None or base[metric][q] is None else row[metric][q] - base[metric][q]
+                for q in ("p50", "p99")
+            }
+        added.append(entry)
+    return added
+
+
+def _pair(values: dict[str, float | None], signed: bool = False) -> str:
+    spec = "+.2f" if signed else ".2f"
+    return " / ".join("–" if values[q] is None else format(values[q], spec) for q in ("p50", "p99"))
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The report as a markdown table with a short key."""
+    added = {(a["path"], a["concurrency"]): a for a in report["added"]}
+    lines = [
+        "| path | streams | requests | errors | chunks | TTFB p50 / p99 ms | TTFT p50 / p99 ms "
+        "| gap p50 / p99 ms | chunks/s | server CPU s / 1k chunks | added TTFT ms | added gap ms |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in report["results"]:
+        extra = added.get((row["path"], row["concurrency"]))
+        lines.append(
+            f"| {row['path']} | {row['concurrency']} | {row['requests']} | {row['errors']} | {row['chunks']} "
+            f"| {_pair(row['ttfb_ms'])} | {_pair(row['ttft_ms'])} | {_pair(row['gap_ms'])} "
+            f"| {_number(row['chunks_per_s'], '.0f')} | {_number(row['cpu_s_per_1k_chunks'], '.3f')} "
+            f"| {_pair(extra['ttft_ms'], signed=True) if extra else ''} "
+            f"| {_pair(extra['gap_ms'], signed=True) if extra else ''} |"
+        )
+    settings = report["settings"]
+    rate = settings["tokens_per_second"] or "unthrottled"
+    lines += [
+        "",
+        f"`{report['command']}`: {settings['requests_per_stream']} requests per stream, upstream rate {rate}; "
+        f"proxy config {settings['config']}; hb = `holdback_tokens` of a marker-only policy.",
+        "TTFB: first SSE event; TTFT: first content token (through the proxy it includes the hold-back); "
+        "gap: between consecutive content chunks of one response. Added = proxy minus direct, p50 / p99. "
+        "Server CPU: the proxy's (the replay server's for direct).",
+    ]
+    return "\n".join(lines)
+
+
+# --- command ------------------------------------------------------------------------------------------
+
+
+def _concurrency(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more stream counts, each at least 1")
+    return levels
+
+
+def register_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `proxy` to `backtrack bench`."""
+    parser = subparsers.add_parser(
+        "proxy",
+        help="latency and CPU the proxy adds to streams, against replay-upstream alone",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--concurrency", type=_concurrency, default=[1, 16, 64], help="stream counts, e.g. 1,16,64")
+    parser.add_argument("--requests-per-stream", type=int, default=10)
+    parser.add_argument(
+        "--tokens-per-second", type=float, default=None, help="upstream deltas per second per stream (default: no limit)"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="proxy config (default: the repo's config.yaml, or a marker-only policy with the default hold-back)",
+    )
+    parser.add_argument(
+        "--holdback", type=int, default=0, help="hold-back of the marker-only comparison proxy (default: 0)"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=None, help="JSONL rows to replay (default: one 200-token benign answer)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write bench-proxy.json and bench-proxy.md here")
+    parser.set_defaults(func=main)
+
+
+def _write_config(directory: Path, name: str, holdback: int | None) -> Path:
+    """A config with one marker-only policy; `holdback` None keeps the policy default."""
+    policy: dict[str, Any] = {
+        "name": "bench",
+        "description": "marker detector only, for `backtrack bench proxy`",
+        "detectors": {"marker": {"enabled": True}, "model": {"enabled": False}},
+    }
+    if holdback is not None:
+        policy["holdback_tokens"] = holdback
+    (directory / f"{name}-policy.yaml").write_text(yaml.safe_dump(policy), encoding="utf-8")
+    config = {"policies": {"bench": f"{name}-policy.yaml"}, "default_policy": "bench"}
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def _replay_command(data: Path, port: int, tokens_per_second: float | None) -> list[str]:
+    command = [sys.executable, "-m", "proxy.cli", "replay-upstream", "--data", str(data), "--port", str(port)]
+    return command + (["--tokens-per-second", str(tokens_per_second)] if tokens_per_second else [])
+
+
+def _proxy_command(config: Path, upstream: str, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "proxy.cli", "serve", "--config", str(config),
+        "--upstream", upstream, "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Start the servers, run every path at every concurrency, and return the report."""
+    if args.data is None:
+        rows = [bench_row()]
+        data = workdir / "bench-data.jsonl"
+        data.write_text(json.dumps({"prompt": rows[0].prompt, "response": rows[0].response}) + "\n", encoding="utf-8")
+    else:
+        data, rows = args.data, load_rows(args.data)
+    prompts = sorted({row.prompt for row in rows if row.prompt is not None})
+    if not prompts:
+        raise BenchError(f"{data}: no row has a prompt to ask")
+    expected = expected_answers(rows)
+    config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else _write_config(workdir, "proxy", None))
+    variant = f"proxy (hb {args.holdback})"
+
+    with _servers() as servers:
+        upstream_port = _free_port()
+        upstream = Server("replay-upstream", _replay_command(data, upstream_port, args.tokens_per_second),
+                          upstream_port, workdir / "replay.log")  # fmt: skip
+        servers.append(upstream)
+        for name, cfg in (("proxy", config), (variant, _write_config(workdir, "holdback", args.holdback))):
+            port = _free_port()
+            servers.append(Server(name, _proxy_command(cfg, upstream.url, port), port, workdir / f"{port}.log"))
+        async with aiohttp.ClientSession() as session:
+            await _wait_until_up(session, upstream, "/v1/models")
+            for server in servers[1:]:
+                await _wait_until_up(session, server, "/healthz")
+
+        results = []
+        for concurrency in args.concurrency:
+            for server in servers:
+                name = "direct" if server is upstream else server.name
+                path_run = await _run_path(server, name, concurrency, args.requests_per_stream, prompts, expected)
+                results.append(path_run.summary())
+                print(f"  {name:>14}  {concurrency:>3} streams  {results[-1]['chunks']} chunks", file=sys.stderr)
+
+    return {
+        "command": "backtrack bench proxy " + " ".join(_argv(args)),
+        "settings": {
+            "concurrency": args.concurrency,
+            "requests_per_stream": args.requests_per_stream,
+            "tokens_per_second": args.tokens_per_second,
+            "config": str(args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else "marker-only (default)")),
+            "holdback": args.holdback,
+            "data": str(args.data or f"generated: one {BENCH_RESPONSE_TOKENS}-token answer"),
+            "cpu_count": os.cpu_count(),
+        },
+        "results": results,
+        "added": added_latency(results),
+    }
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The options of this run, as they would be typed."""
+    argv = ["--concurrency", ",".join(map(str, args.concurrency)), "--requests-per-stream", str(args.requests_per_stream)]
+    if args.tokens_per_second:
+        argv += ["--tokens-per-second", f"{args.tokens_per_second:g}"]
+    for option, value in (("--config", args.config), ("--data", args.data)):
+        if value is not None:
+            argv += [option, str(value)]
+    if args.holdback:
+        argv += ["--holdback", str(args.holdback)]
+    return argv
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark, print the table, write it (and the JSON) to `--out`; 1 when it cannot run."""
+    if args.requests_per_stream < 1 or args.holdback < 0:
+        print("backtrack bench proxy: error: --requests-per-stream must be >= 1, --holdback >= 0", file=sys.stderr)
+        return 2
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="backtrack-bench-")))
+        try:
+            report = asyncio.run(run(args, workdir))
+        except BacktrackError as exc:
+            print(f"backtrack bench proxy: error: {exc.message}", file=sys.stderr)
+            return 1
+    table = markdown_table(report)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench-proxy.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (args.out / "bench-proxy.md").write_text(table + "\n", encoding="utf-8")
+    return 0
+
+
+__all__ = ["BenchError", "PathRun", "Sample", "added_latency", "asdict", "markdown_table", "percentile", "register_bench"]

@@ -1,0 +1,75 @@
+"""The `backtrack` command: serve, replay-upstream, train, eval, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy.errors import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="backtrack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", type=Path, help="config.yaml (default: built-in defaults)")
+    serve.add_argument("--host", help="address to listen on (default: from config, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: from config, 8080)")
+    serve.add_argument("--upstream", help="the upstream LLM server's root URL, e.g. http://127.0.0.1:8001")
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(func=serve_command)
+
+    from proxy import replay
+
+    replay.register(sub)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    from proxy import bench as proxy_bench
+
+    proxy_bench.register_bench(bench)
+    try:
+        from guard import cli as guard_cli
+    except ImportError:  # the guard package is optional for the proxy's own commands
+        pass
+    else:
+        guard_cli.register(sub)
+        guard_cli.register_bench(bench)
+    return parser
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from proxy.config import load_settings
+    from proxy.server import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(args.config, host=args.host, port=args.port, upstream=args.upstream)
+    print(
+        f"backtrack: serving on http://{settings.server.host}:{settings.server.port} "
+        f"(upstream: {settings.upstream.url or 'built-in demo'}; policies: {', '.join(settings.policies)})",
+        flush=True,
+    )
+    web.run_app(
+        create_app(settings), host=settings.server.host, port=settings.server.port, print=None,
+        access_log=None,
+    )  # fmt: skip
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"backtrack: configuration error:\n{exc.message}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Wire dialects: sans-IO decoders (bytes -> events) and encoders (outputs -> bytes)."""

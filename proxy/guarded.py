@@ -1,0 +1,137 @@
+"""One guarded response: an engine and a guard stream per choice, and the scoring loop between them.
+
+This is the only place that awaits the guard. Timeouts and guard failures become the policy's fail
+mode here; after a fail-open the choice goes on unguarded (its guard stream state is unknown) and every
+further verdict it would have needed counts as a fail-open event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from proxy.engine import Flagged, Output, ResetEvent, State, StreamEngine
+from proxy.errors import GuardError
+from proxy.guards import Guard, GuardStream
+from proxy.metrics import Metrics
+from proxy.policy import Action, Policy
+
+log = logging.getLogger("backtrack")
+
+
+@dataclass
+class ChoiceRun:
+    engine: StreamEngine
+    guard: GuardStream
+    unguarded: bool = False
+    upstream_reason: str | None = None  # the finish_reason the upstream gave, once it has
+    upstream_rest: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.engine.state is State.DONE
+
+
+@dataclass(frozen=True)
+class Labels:
+    policy: str
+    route: str
+    model: str
+
+
+class GuardedResponse:
+    def __init__(
+        self, policy: Policy, guard: Guard, prompt: str | None, metrics: Metrics, labels: Labels
+    ) -> None:
+        self.policy = policy
+        self.guard = guard
+        self.prompt = prompt if policy.score_prompt else None
+        self.metrics = metrics
+        self.labels = labels
+        self.runs: dict[int, ChoiceRun] = {}
+
+    def run(self, index: int) -> ChoiceRun:
+        run = self.runs.get(index)
+        if run is None:
+            engine = StreamEngine(self.policy, self.guard.tokenizer)
+            run = self.runs[index] = ChoiceRun(engine, self.guard.open(self.prompt))
+        return run
+
+    def restart_guard(self, run: ChoiceRun) -> None:
+        """A new attempt (regenerated, or the upstream's continuation) is read from its start."""
+        run.guard.close()
+        run.guard = self.guard.open(self.prompt)
+
+    async def score(self, run: ChoiceRun, *, final: bool = False) -> list[Output]:
+        """Give the guard what it has not read; returns the engine's outputs for the verdicts."""
+        out: list[Output] = []
+        engine = run.engine
+        while engine.state is State.STREAMING:
+            if not final and engine.unscored_tokens() < self.policy.score_every_tokens:
+                break
+            text = engine.take_unscored()
+            if run.unguarded:
+                step = engine.on_guard_failure()
+            else:
+                step = await self._verdict(run, text, final)
+            out += step
+            self._observe(step)
+            if any(isinstance(o, ResetEvent) and o.action is Action.CONTINUE for o in step):
+                self.restart_guard(run)  # the continuation is a new response: read it afresh
+                continue
+            if not final or engine.fully_scored:
+                break
+        return out
+
+    async def finish(self, run: ChoiceRun) -> list[Output]:
+        """The upstream finished this choice: judge the rest, then release it."""
+        out = await self.score(run, final=True)
+        out += run.engine.finish(run.upstream_reason)
+        return out
+
+    async def _verdict(self, run: ChoiceRun, text: str, final: bool) -> list[Output]:
+        started = time.perf_counter()
+        try:
+            verdict = await asyncio.wait_for(
+                run.guard.feed(text, final=final), self.policy.guard_timeout_seconds
+            )
+        except (TimeoutError, GuardError) as exc:
+            kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            return self._failed(run, kind)
+        except Exception:
+            log.exception("guard failed")
+            return self._failed(run, "error")
+        self.metrics.guard_latency.observe(time.perf_counter() - started)
+        return run.engine.on_verdict(verdict)
+
+    def _failed(self, run: ChoiceRun, kind: str) -> list[Output]:
+        self.metrics.guard_failures.labels(self.labels.policy, kind, self.policy.fail_mode).inc()
+        log.warning("guard unavailable (%s); policy %s fails %s", kind, self.policy.name, self.policy.fail_mode)
+        run.unguarded = self.policy.fail_mode == "open"
+        return run.engine.on_guard_failure()
+
+    def _observe(self, outputs: list[Output]) -> None:
+        for o in outputs:
+            if isinstance(o, ResetEvent):
+                self.metrics.resets.labels(
+                    self.labels.policy, self.labels.route, self.labels.model, o.category, o.action.value
+                ).inc()
+                log.info(
+                    "reset policy=%s route=%s category=%s action=%s detector=%s position=%d",
+                    o.policy, self.labels.route, o.category, o.action.value, o.detector, o.position,
+                )  # fmt: skip
+            elif isinstance(o, Flagged):
+                self.metrics.resets.labels(
+                    self.labels.policy, self.labels.route, self.labels.model, o.category, Action.FLAG.value
+                ).inc()
+
+    def observe_release(self, received: float) -> None:
+        if received:
+            self.metrics.holdback_delay.observe(time.monotonic() - received)
+
+    def close(self) -> None:
+        for run in self.runs.values():
+            run.guard.close()
+

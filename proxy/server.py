@@ -1,0 +1,225 @@
+"""The aiohttp application: `create_app(settings)` builds everything; handlers stay thin.
+
+Resources live under typed `AppKey`s, each set up and torn down by its own `cleanup_ctx` generator:
+the upstream client session, the built-in demo upstream (only when no upstream is configured), the
+guard model (only when a policy enables it), and the per-policy guards built on top of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.config import Settings
+from proxy.errors import BacktrackError, ClientError, PayloadTooLarge
+from proxy.guarded import GuardedResponse, Labels
+from proxy.guards import CompositeGuard, Guard, MarkerGuard, PatternGuard
+from proxy.metrics import Metrics
+from proxy.openai_relay import OpenAIRelay, error_response, parse_request
+from proxy.policy import Policy
+from proxy.upstream import Upstream, client_timeout, read_body
+
+log = logging.getLogger("backtrack")
+
+DEMO_CORPUS = Path(__file__).parent / "demo" / "corpus.jsonl"
+DEMO_TOKENS_PER_SECOND = 40.0
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+UPSTREAM = web.AppKey("upstream", Upstream)
+SCORER = web.AppKey("scorer", object)
+GUARDS = web.AppKey("guards", dict[str, Guard])
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes, middlewares=[error_middleware]
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = metrics or Metrics()
+    app.cleanup_ctx.extend([upstream_ctx, guard_ctx])
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+# -- resources ---------------------------------------------------------------------------------------
+
+
+async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    demo: web.AppRunner | None = None
+    url = settings.upstream.url
+    if url is None:
+        demo, url = await start_demo_upstream()
+        log.info("no upstream configured: serving the built-in demo upstream at %s", url)
+    session = aiohttp.ClientSession(timeout=client_timeout(settings.upstream), auto_decompress=True)
+    app[UPSTREAM] = Upstream(settings.upstream, url, session)
+    try:
+        yield
+    finally:
+        await session.close()
+        if demo is not None:
+            await demo.cleanup()
+
+
+async def start_demo_upstream() -> tuple[web.AppRunner, str]:
+    from proxy.replay import create_replay_app, load_rows
+
+    runner = web.AppRunner(create_replay_app(load_rows(DEMO_CORPUS), DEMO_TOKENS_PER_SECOND))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def guard_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    scorer: Any = None
+    if settings.needs_model:
+        from guard.scorer import load_scorer
+
+        scorer = await asyncio.to_thread(
+            load_scorer,
+            settings.guard_checkpoint,
+            settings.guard.base,
+            max_batch_tokens=settings.guard.max_batch_tokens,
+            queue_size=settings.guard.queue_size,
+        )
+        await scorer.start()
+        app[SCORER] = scorer
+    app[GUARDS] = {name: build_guard(policy, scorer) for name, policy in settings.policies.items()}
+    try:
+        yield
+    finally:
+        if scorer is not None:
+            await scorer.stop()
+
+
+def build_guard(policy: Policy, scorer: Any = None) -> Guard:
+    """The detectors a policy enables, read side by side."""
+    detectors = policy.detectors
+    parts: list[Guard] = []
+    if detectors.marker.enabled:
+        parts.append(MarkerGuard(detectors.marker.token))
+    if detectors.patterns:
+        rules = [(rx, rule.category) for rule in detectors.patterns for rx in rule.regex]
+        words = [(w, rule.category) for rule in detectors.patterns for w in rule.words]
+        parts.append(PatternGuard(rules, words))
+    if detectors.model.enabled:
+        parts.append(scorer.guard(logit_bias=policy.logit_bias, threshold=policy.threshold))
+    if not parts:
+        parts.append(PatternGuard([]))  # no detector: text still flows through the hold-back
+    return parts[0] if len(parts) == 1 else CompositeGuard(parts)
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Our errors are translated here, once, into the API's own error format."""
+    try:
+        return await handler(request)
+    except BacktrackError as exc:
+        if exc.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(ClientError(f"{exc.reason}: {request.method} {request.path}", status=exc.status))
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return error_response(BacktrackError("internal error in the proxy"))
+
+
+# -- handlers ----------------------------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await relay_openai(request, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await relay_openai(request, chat=False)
+
+
+async def relay_openai(request: web.Request, *, chat: bool) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    req = parse_request(await read_request(request), chat=chat)
+    policy = settings.policy()
+    metrics = app[METRICS]
+    route = request.path
+    labels = Labels(policy.name, route, metrics.model_label(req.model))
+    guarded = GuardedResponse(policy, app[GUARDS][policy.name], req.prompt, metrics, labels)
+    relay = OpenAIRelay(req, app[UPSTREAM], guarded, request.path, dict(request.headers))
+    metrics.streams.labels(labels.policy, route, labels.model).inc()
+    active = metrics.active_streams.labels(route)
+    active.inc()
+    try:
+        if req.stream:
+            return await relay.stream(request)
+        return await relay.complete()
+    except ConnectionResetError:
+        log.info("client went away mid-stream on %s; upstream request closed", route)
+        return web.Response(status=499)
+    except BacktrackError as exc:
+        if exc.kind == "upstream_error":
+            metrics.upstream_errors.labels(route, type(exc).__name__).inc()
+        raise
+    finally:
+        active.dec()
+        guarded.close()
+
+
+async def read_request(request: web.Request) -> bytes:
+    limit = request.app[SETTINGS].server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes.") from None
+
+
+async def models(request: web.Request) -> web.Response:
+    async with request.app[UPSTREAM].request("GET", "/v1/models", dict(request.headers)) as up:
+        body = await read_body(up, limit=4 * 1024 * 1024)
+        try:
+            json.loads(body)
+        except ValueError:
+            raise ClientError("upstream answered /v1/models with something that is not JSON", status=502)
+        return web.Response(body=body, status=up.status, content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready = GUARDS in request.app and UPSTREAM in request.app
+    return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

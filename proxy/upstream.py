@@ -1,0 +1,89 @@
+"""The upstream LLM server: one aiohttp client session, requests forwarded under the configured root.
+
+The upstream always comes from configuration, never from the request. Library errors are translated
+here, once, into `UpstreamError`/`UpstreamTimeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+
+from proxy.config import UpstreamConfig
+from proxy.errors import UpstreamError, UpstreamTimeout
+
+# Client headers worth forwarding; hop-by-hop headers and the client's Host/Content-Length are not.
+FORWARDED_HEADERS = (
+    "authorization", "x-api-key", "anthropic-version", "anthropic-beta",
+    "openai-organization", "openai-project", "user-agent",
+)  # fmt: skip
+
+
+class Upstream:
+    def __init__(self, config: UpstreamConfig, url: str, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.url = url.rstrip("/")
+        self.session = session
+
+    def headers(self, client_headers: Mapping[str, str]) -> dict[str, str]:
+        out = {k: v for k, v in client_headers.items() if k.lower() in FORWARDED_HEADERS}
+        key = self.config.key()
+        if key is not None:
+            for name in [k for k in out if k.lower() in ("authorization", "x-api-key")]:
+                del out[name]
+            out["Authorization"] = f"Bearer {key}"
+        return out
+
+    @asynccontextmanager
+    async def request(
+        self, method: str, path: str, headers: Mapping[str, str], body: Any = None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Open a request; the response is closed (and the upstream told) when the block exits."""
+        data = None if body is None else json.dumps(body).encode()
+        send_headers = dict(self.headers(headers))
+        if data is not None:
+            send_headers["Content-Type"] = "application/json"
+        try:
+            resp = await self.session.request(method, self.url + path, data=data, headers=send_headers)
+        except TimeoutError:
+            raise UpstreamTimeout(f"upstream did not answer within {self.config.connect_timeout_seconds}s")
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from None
+        try:
+            yield resp
+        finally:
+            # close(), not release(): an unread body means the client left; the upstream must see it.
+            resp.close()
+
+
+async def read_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The response body as it arrives, with transport failures translated."""
+    try:
+        async for data in resp.content.iter_any():
+            yield data
+    except TimeoutError:
+        raise UpstreamTimeout("upstream stopped sending (read timeout)") from None
+    except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+        raise UpstreamError(f"upstream stream broke: {type(exc).__name__}") from None
+
+
+async def read_body(resp: aiohttp.ClientResponse, limit: int = 64 * 1024 * 1024) -> bytes:
+    chunks = []
+    size = 0
+    async for data in read_chunks(resp):
+        size += len(data)
+        if size > limit:
+            raise UpstreamError("upstream response is too large")
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def client_timeout(config: UpstreamConfig) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(
+        total=None, sock_connect=config.connect_timeout_seconds, sock_read=config.read_timeout_seconds
+    )
