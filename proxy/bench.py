@@ -7,12 +7,21 @@ workload (N concurrent streams, each making requests one after another) three wa
     proxy           client -> backtrack serve --config CONFIG -> replay-upstream
     proxy (hb N)    the same, with a temporary marker-only policy whose `holdback_tokens` is N (default 0)
 
-The proxy holds text back until it is `holdback_tokens` behind the head, so its time to the first content
-token (TTFT) includes waiting for that many upstream tokens. The hold-back variant separates the two: its
-added TTFT is the proxy's own overhead, and TTFT(proxy) - TTFT(proxy, hb 0) is the hold-back delay.
-TTFB (first SSE event of any kind) is reported as well. "Added" numbers are proxy minus direct at the same
-concurrency, percentile by percentile. CPU is the server process's utime + stime from /proc/PID/stat,
-per 1,000 content chunks the client received.
+Per path and concurrency it reports, over all requests (times from sending the request):
+- TTFB: the first SSE event of any kind; TTFT: the first content token.
+- gap: between consecutive content chunks of one response.
+- lag: per content chunk, its arrival minus the time the replay upstream was due to send the last token in
+  it (the upstream paces token j at its stream start + (j + 1) / R; with no rate every token is due at 0).
+  Unlike the gap, the lag keeps a constant per-chunk delay: proxy lag minus direct lag is the latency the
+  proxy adds to every chunk, even if it re-chunks the text.
+- chunks/s, and the server's CPU (utime + stime from /proc/PID/stat) per 1,000 content chunks received.
+"Added" = proxy minus direct at the same concurrency, percentile by percentile.
+
+The proxy holds text back until it is `holdback_tokens` behind the head, so through `proxy` TTFT and lag
+include waiting for that many upstream tokens. The hb-0 variant takes the hold-back out: its added TTFT
+and lag are the proxy's own overhead (the issue's goal: p50 < 2 ms and < 1 ms), and proxy minus
+proxy (hb 0) is the hold-back delay. Per-chunk latency is best read with a paced upstream
+(`--tokens-per-second 50`): unthrottled, every stream is a throughput test and lags are queueing.
 
 A benchmark, not a test: nothing here asserts a timing.
 """
@@ -28,9 +37,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -61,6 +72,7 @@ class Sample:
     ttfb: float | None = None
     ttft: float | None = None
     gaps: list[float] = field(default_factory=list)
+    lags: list[float] = field(default_factory=list)
     chunks: int = 0
     ok: bool = False
 
@@ -81,6 +93,7 @@ class PathRun:
         ttfb = [s.ttfb * ms for s in self.samples if s.ttfb is not None]
         ttft = [s.ttft * ms for s in self.samples if s.ttft is not None]
         gaps = [g * ms for s in self.samples for g in s.gaps]
+        lags = [g * ms for s in self.samples for g in s.lags]
         return {
             "path": self.path,
             "concurrency": self.concurrency,
@@ -90,6 +103,7 @@ class PathRun:
             "ttfb_ms": _quantiles(ttfb),
             "ttft_ms": _quantiles(ttft),
             "gap_ms": _quantiles(gaps),
+            "lag_ms": _quantiles(lags),
             "chunks_per_s": chunks / self.seconds if self.seconds else None,
             "cpu_s_per_1k_chunks": self.cpu_seconds / chunks * 1000 if chunks else None,
         }
@@ -112,20 +126,48 @@ def _quantiles(values: list[float]) -> dict[str, float | None]:
 
 def bench_row() -> Row:
     """A benign response of exactly `BENCH_RESPONSE_TOKENS` approximate tokens, no two of them alike."""
-    words = []
-    for i in range(BENCH_RESPONSE_TOKENS):
-        words.append(f"Bed {i} holds tulips and bed {i + 1} holds roses.")
-    pieces = ApproxTokenizer().split(" ".join(words))[:BENCH_RESPONSE_TOKENS]
+    text = " ".join(
+        f"Bed {i} holds tulips and bed {i + 1} holds roses." for i in range(BENCH_RESPONSE_TOKENS)
+    )
+    pieces = ApproxTokenizer().split(text)[:BENCH_RESPONSE_TOKENS]
     return Row(prompt=BENCH_PROMPT, response="".join(pieces))
 
 
-def expected_answers(rows: list[Row]) -> dict[str, str]:
+@dataclass(frozen=True)
+class Expected:
+    """The answer a prompt must get, and where each delta the upstream sends for it ends."""
+
+    text: str
+    token_ends: list[int]
+
+    def due(self, received_chars: int, tokens_per_second: float | None) -> float:
+        """When the upstream is scheduled to send the delta that completes `received_chars` characters,
+        in seconds after it starts streaming (0 for an unthrottled upstream)."""
+        if not tokens_per_second:
+            return 0.0
+        # Step 0 of a replayed stream is the role chunk; content delta j goes out at step j + 1.
+        return (bisect_left(self.token_ends, received_chars) + 1) / tokens_per_second
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[str]
+    expected: dict[str, Expected]
+    tokens_per_second: float | None
+
+
+def expected_answers(rows: list[Row]) -> dict[str, Expected]:
     """Prompts whose answer is fixed and passes a marker-only proxy unchanged, with that answer."""
     by_prompt: dict[str, list[str]] = {}
     for row in rows:
         if row.prompt is not None:
             by_prompt.setdefault(row.prompt, []).append(row.response)
-    return {p: r[0] for p, r in by_prompt.items() if len(r) == 1 and "[RESET]" not in r[0]}
+    tokenizer = ApproxTokenizer()
+    return {
+        prompt: Expected(text, list(accumulate(len(piece) for piece in tokenizer.split(text))))
+        for prompt, (text, *others) in by_prompt.items()
+        if not others and "[RESET]" not in text
+    }
 
 
 # --- subprocesses -------------------------------------------------------------------------------------
@@ -139,7 +181,10 @@ class Server:
         self.port = port
         self.log_path = log_path
         self._log: TextIO = log_path.open("w", encoding="utf-8")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])),
+        }
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     @property
@@ -198,14 +243,23 @@ async def _wait_until_up(session: aiohttp.ClientSession, server: Server, path: s
         except aiohttp.ClientError:
             pass  # not listening yet
         await asyncio.sleep(0.1)
-    raise BenchError(f"{server.name} did not answer {path} within {STARTUP_SECONDS:.0f} s:\n{server.log_tail()}")
+    raise BenchError(
+        f"{server.name} did not answer {path} within {STARTUP_SECONDS:.0f} s:\n{server.log_tail()}"
+    )
 
 
 # --- load ---------------------------------------------------------------------------------------------
 
 
-async def _one_request(session: aiohttp.ClientSession, url: str, prompt: str, expected: str | None) -> Sample:
+async def _one_request(
+    session: aiohttp.ClientSession,
+    url: str,
+    prompt: str,
+    expected: Expected | None,
+    tokens_per_second: float | None,
+) -> Sample:
     sample = Sample()
+    received = 0
     body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "stream": True}
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -230,38 +284,45 @@ async def _one_request(session: aiohttp.ClientSession, url: str, prompt: str, ex
                 event = json.loads(data)
                 if "error" in event:
                     return sample
-                content = "".join((c.get("delta") or {}).get("content") or "" for c in event.get("choices", []))
+                content = "".join(
+                    (c.get("delta") or {}).get("content") or "" for c in event.get("choices", [])
+                )
                 if not content:
                     continue
                 text.append(content)
                 sample.chunks += 1
-                if sample.ttft is None:
+                received += len(content)
+                if expected is not None:
+                    sample.lags.append(now - expected.due(received, tokens_per_second))
+                if last_content is None:
                     sample.ttft = now
                 else:
-                    assert last_content is not None
                     sample.gaps.append(now - last_content)
                 last_content = now
     except (aiohttp.ClientError, json.JSONDecodeError):
         return sample
-    sample.ok = done and (expected is None or "".join(text) == expected)
+    sample.ok = done and (expected is None or "".join(text) == expected.text)
     return sample
 
 
 async def _run_path(
-    server: Server, name: str, concurrency: int, requests: int, prompts: list[str], expected: dict[str, str]
+    server: Server, name: str, concurrency: int, requests: int, workload: Workload
 ) -> PathRun:
     url = server.url + "/v1/chat/completions"
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         # Warm-up: open connections and let both servers reach steady state before measuring.
-        await asyncio.gather(*(_one_request(session, url, prompts[0], None) for _ in range(concurrency)))
+        await asyncio.gather(
+            *(_one_request(session, url, workload.prompts[0], None, None) for _ in range(concurrency))
+        )
 
         async def stream(index: int) -> list[Sample]:
             samples = []
             for k in range(requests):
-                prompt = prompts[(index + k) % len(prompts)]
-                samples.append(await _one_request(session, url, prompt, expected.get(prompt)))
+                prompt = workload.prompts[(index + k) % len(workload.prompts)]
+                expected = workload.expected.get(prompt)
+                samples.append(await _one_request(session, url, prompt, expected, workload.tokens_per_second))
             return samples
 
         cpu_before = server.cpu_seconds()
@@ -284,9 +345,11 @@ def added_latency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if row["path"] == "direct" or base is None:
             continue
         entry: dict[str, Any] = {"path": row["path"], "concurrency": row["concurrency"]}
-        for metric in ("ttfb_ms", "ttft_ms", "gap_ms"):
+        for metric in ("ttfb_ms", "ttft_ms", "gap_ms", "lag_ms"):
             entry[metric] = {
-                q: None if row[metric][q] is None or base[metric][q] is None else row[metric][q] - base[metric][q]
+                q: None
+                if row[metric][q] is None or base[metric][q] is None
+                else row[metric][q] - base[metric][q]
                 for q in ("p50", "p99")
             }
         added.append(entry)
@@ -306,28 +369,30 @@ def markdown_table(report: dict[str, Any]) -> str:
     """The report as a markdown table with a short key."""
     added = {(a["path"], a["concurrency"]): a for a in report["added"]}
     lines = [
-        "| path | streams | requests | errors | chunks | TTFB p50 / p99 ms | TTFT p50 / p99 ms "
-        "| gap p50 / p99 ms | chunks/s | server CPU s / 1k chunks | added TTFT ms | added gap ms |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| path | streams | requests | errors | chunks | TTFB p50 / p99 | TTFT p50 / p99 | gap p50 / p99 "
+        "| lag p50 / p99 | chunks/s | server CPU s / 1k chunks | added TTFT | added lag |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in report["results"]:
         extra = added.get((row["path"], row["concurrency"]))
         lines.append(
             f"| {row['path']} | {row['concurrency']} | {row['requests']} | {row['errors']} | {row['chunks']} "
-            f"| {_pair(row['ttfb_ms'])} | {_pair(row['ttft_ms'])} | {_pair(row['gap_ms'])} "
+            f"| {_pair(row['ttfb_ms'])} | {_pair(row['ttft_ms'])} "
+            f"| {_pair(row['gap_ms'])} | {_pair(row['lag_ms'])} "
             f"| {_number(row['chunks_per_s'], '.0f')} | {_number(row['cpu_s_per_1k_chunks'], '.3f')} "
             f"| {_pair(extra['ttft_ms'], signed=True) if extra else ''} "
-            f"| {_pair(extra['gap_ms'], signed=True) if extra else ''} |"
+            f"| {_pair(extra['lag_ms'], signed=True) if extra else ''} |"
         )
     settings = report["settings"]
-    rate = settings["tokens_per_second"] or "unthrottled"
+    rate = f"{settings['tokens_per_second']:g} tokens/s" if settings["tokens_per_second"] else "unthrottled"
     lines += [
         "",
-        f"`{report['command']}`: {settings['requests_per_stream']} requests per stream, upstream rate {rate}; "
+        f"`{report['command']}`: {settings['requests_per_stream']} requests per stream, upstream {rate}; "
         f"proxy config {settings['config']}; hb = `holdback_tokens` of a marker-only policy.",
         "TTFB: first SSE event; TTFT: first content token (through the proxy it includes the hold-back); "
-        "gap: between consecutive content chunks of one response. Added = proxy minus direct, p50 / p99. "
-        "Server CPU: the proxy's (the replay server's for direct).",
+        "gap: between consecutive content chunks of one response; lag: when a chunk arrived minus when "
+        "the upstream was due to send its last token. Added = proxy minus direct, p50 / p99. "
+        "Server CPU: the proxy's (the replay server's for direct). Times in ms.",
     ]
     return "\n".join(lines)
 
@@ -353,16 +418,21 @@ def register_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--concurrency", type=_concurrency, default=[1, 16, 64], help="stream counts, e.g. 1,16,64")
+    parser.add_argument(
+        "--concurrency", type=_concurrency, default=[1, 16, 64], help="stream counts, e.g. 1,16,64"
+    )
     parser.add_argument("--requests-per-stream", type=int, default=10)
     parser.add_argument(
-        "--tokens-per-second", type=float, default=None, help="upstream deltas per second per stream (default: no limit)"
+        "--tokens-per-second",
+        type=float,
+        default=None,
+        help="upstream deltas per second per stream (default: no limit)",
     )
     parser.add_argument(
         "--config",
         type=Path,
         default=None,
-        help="proxy config (default: the repo's config.yaml, or a marker-only policy with the default hold-back)",
+        help="proxy config (default: the repo's config.yaml, else a marker-only policy, default hold-back)",
     )
     parser.add_argument(
         "--holdback", type=int, default=0, help="hold-back of the marker-only comparison proxy (default: 0)"
@@ -370,7 +440,9 @@ def register_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument(
         "--data", type=Path, default=None, help="JSONL rows to replay (default: one 200-token benign answer)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="write bench-proxy.json and bench-proxy.md here")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write bench-proxy.json and bench-proxy.md here"
+    )
     parser.set_defaults(func=main)
 
 
@@ -396,10 +468,18 @@ def _replay_command(data: Path, port: int, tokens_per_second: float | None) -> l
 
 
 def _proxy_command(config: Path, upstream: str, port: int) -> list[str]:
-    return [
-        sys.executable, "-m", "proxy.cli", "serve", "--config", str(config),
-        "--upstream", upstream, "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
+    serve = [
+        "serve",
+        "--config",
+        str(config),
+        "--upstream",
+        upstream,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    return [sys.executable, "-m", "proxy.cli", *serve]
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -407,24 +487,33 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     if args.data is None:
         rows = [bench_row()]
         data = workdir / "bench-data.jsonl"
-        data.write_text(json.dumps({"prompt": rows[0].prompt, "response": rows[0].response}) + "\n", encoding="utf-8")
+        data.write_text(
+            json.dumps({"prompt": rows[0].prompt, "response": rows[0].response}) + "\n", encoding="utf-8"
+        )
     else:
         data, rows = args.data, load_rows(args.data)
     prompts = sorted({row.prompt for row in rows if row.prompt is not None})
     if not prompts:
         raise BenchError(f"{data}: no row has a prompt to ask")
-    expected = expected_answers(rows)
-    config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else _write_config(workdir, "proxy", None))
+    workload = Workload(prompts, expected_answers(rows), args.tokens_per_second)
+    if args.config is not None:
+        config, config_label = args.config, str(args.config)
+    elif DEFAULT_CONFIG.exists():
+        config, config_label = DEFAULT_CONFIG, str(DEFAULT_CONFIG)
+    else:
+        config, config_label = _write_config(workdir, "proxy", None), "marker-only policy, default hold-back"
     variant = f"proxy (hb {args.holdback})"
 
     with _servers() as servers:
         upstream_port = _free_port()
-        upstream = Server("replay-upstream", _replay_command(data, upstream_port, args.tokens_per_second),
-                          upstream_port, workdir / "replay.log")  # fmt: skip
+        upstream_command = _replay_command(data, upstream_port, args.tokens_per_second)
+        upstream = Server("replay-upstream", upstream_command, upstream_port, workdir / "replay.log")
         servers.append(upstream)
         for name, cfg in (("proxy", config), (variant, _write_config(workdir, "holdback", args.holdback))):
             port = _free_port()
-            servers.append(Server(name, _proxy_command(cfg, upstream.url, port), port, workdir / f"{port}.log"))
+            servers.append(
+                Server(name, _proxy_command(cfg, upstream.url, port), port, workdir / f"{port}.log")
+            )
         async with aiohttp.ClientSession() as session:
             await _wait_until_up(session, upstream, "/v1/models")
             for server in servers[1:]:
@@ -434,9 +523,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for concurrency in args.concurrency:
             for server in servers:
                 name = "direct" if server is upstream else server.name
-                path_run = await _run_path(server, name, concurrency, args.requests_per_stream, prompts, expected)
+                path_run = await _run_path(server, name, concurrency, args.requests_per_stream, workload)
                 results.append(path_run.summary())
-                print(f"  {name:>14}  {concurrency:>3} streams  {results[-1]['chunks']} chunks", file=sys.stderr)
+                print(
+                    f"  {name:>14}  {concurrency:>3} streams  {results[-1]['chunks']} chunks", file=sys.stderr
+                )
 
     return {
         "command": "backtrack bench proxy " + " ".join(_argv(args)),
@@ -444,7 +535,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "concurrency": args.concurrency,
             "requests_per_stream": args.requests_per_stream,
             "tokens_per_second": args.tokens_per_second,
-            "config": str(args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else "marker-only (default)")),
+            "config": config_label,
             "holdback": args.holdback,
             "data": str(args.data or f"generated: one {BENCH_RESPONSE_TOKENS}-token answer"),
             "cpu_count": os.cpu_count(),
@@ -456,7 +547,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def _argv(args: argparse.Namespace) -> list[str]:
     """The options of this run, as they would be typed."""
-    argv = ["--concurrency", ",".join(map(str, args.concurrency)), "--requests-per-stream", str(args.requests_per_stream)]
+    argv = [
+        "--concurrency",
+        ",".join(map(str, args.concurrency)),
+        "--requests-per-stream",
+        str(args.requests_per_stream),
+    ]
     if args.tokens_per_second:
         argv += ["--tokens-per-second", f"{args.tokens_per_second:g}"]
     for option, value in (("--config", args.config), ("--data", args.data)):
@@ -470,12 +566,14 @@ def _argv(args: argparse.Namespace) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark, print the table, write it (and the JSON) to `--out`; 1 when it cannot run."""
     if args.requests_per_stream < 1 or args.holdback < 0:
-        print("backtrack bench proxy: error: --requests-per-stream must be >= 1, --holdback >= 0", file=sys.stderr)
+        print(
+            "backtrack bench proxy: error: --requests-per-stream must be >= 1, --holdback >= 0",
+            file=sys.stderr,
+        )
         return 2
-    with ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="backtrack-bench-")))
+    with tempfile.TemporaryDirectory(prefix="backtrack-bench-") as workdir:
         try:
-            report = asyncio.run(run(args, workdir))
+            report = asyncio.run(run(args, Path(workdir)))
         except BacktrackError as exc:
             print(f"backtrack bench proxy: error: {exc.message}", file=sys.stderr)
             return 1
@@ -486,6 +584,3 @@ def main(args: argparse.Namespace) -> int:
         (args.out / "bench-proxy.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (args.out / "bench-proxy.md").write_text(table + "\n", encoding="utf-8")
     return 0
-
-
-__all__ = ["BenchError", "PathRun", "Sample", "added_latency", "asdict", "markdown_table", "percentile", "register_bench"]
