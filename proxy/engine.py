@@ -13,8 +13,8 @@ So the client is always `holdback_tokens` behind the upstream, and the guard has
 look-ahead to change its mind before anything it judged is shown.
 
 When a verdict carries a reset at character X, the engine releases what a guard scoring every token
-would already have let out (pieces ending `holdback_tokens` before X), drops the rest of the buffer,
-emits a `ResetEvent`, and runs the policy's action for the reset's category:
+would already have let out (pieces `holdback_tokens` behind the token at X, counting it), drops the
+rest of the buffer, emits a `ResetEvent`, and runs the policy's action for the reset's category:
 
     refuse      -> the refusal message is released, the choice finishes with "stop"
     truncate    -> the choice finishes with "content_filter"
@@ -39,6 +39,7 @@ the upstream's finish calls `finish()` once the guard has judged everything (`fu
 
 from __future__ import annotations
 
+import bisect
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,13 +212,15 @@ class StreamEngine:
     def _held_text(self) -> str:
         return "".join(p.text for p in self.attempt.held)
 
-    def _cut(self, text: str) -> int:
-        """Offset in `text` before which everything is `holdback_tokens` behind its end."""
+    def _cut(self, text: str, head: int | None = None) -> int:
+        """Offset in `text` before which everything is `holdback_tokens` behind the head: the end of
+        `text`, or (on a reset) the end of the token at offset `head`, the first unsafe one."""
         k = self.policy.holdback_tokens
         if k == 0:
-            return len(text)
+            return len(text) if head is None else head
         starts = self.tokenizer.token_starts(text)
-        return starts[-k] if len(starts) > k else 0
+        n = len(starts) if head is None else bisect.bisect_right(starts, head)
+        return starts[n - k] if n > k else 0
 
     def _release(self, limit: int | None = None) -> list[Output]:
         """Release whole pieces ending at or before `limit` (attempt offset; default: the rule above)."""
@@ -259,7 +262,7 @@ class StreamEngine:
             )  # fmt: skip
             return [flagged, *self._release()]
 
-        out = self._release(min(vouched, a.released_chars + self._cut(before)))
+        out = self._release(min(vouched, a.released_chars + self._cut(text, at - a.released_chars)))
         self.resets += 1
         if self.resets > self.policy.max_resets and action is not Action.TRUNCATE:
             action = Action.REFUSE

@@ -43,9 +43,7 @@ class Metrics:
             "backtrack_guard_failures_total", "Verdicts that did not come (timeout, overload, error)",
             ["policy", "kind", "fail_mode"], registry=r,
         )  # fmt: skip
-        self.active_streams = Gauge(
-            "backtrack_active_streams", "Responses in flight", ["route"], registry=r
-        )
+        self.active_streams = Gauge("backtrack_active_streams", "Responses in flight", ["route"], registry=r)
         self._models: set[str] = set()
 
     def model_label(self, model: str) -> str:
