@@ -1,0 +1,159 @@
+"""Training examples: rows of the shared JSONL schema turned into token ids with per-token targets.
+
+Targets, per response token: 1 = `[RESET]` should be emitted now, 0 = it should not, -1 = no loss.
+- A safe response (benign answer or refusal) never resets: every token is 0.
+- A harmful response resets from its derived onset onward. The data has no onset labels; harmful
+  answers usually open with a compliant preface ("Sure, here is a tutorial on …:") and turn harmful
+  after it. So the onset is the end of the first sentence or line when that sentence reads as a
+  preface, else the response's start; at least `min_onset` tokens in either case. Tokens before the
+  onset get no loss: from a preface alone one cannot yet tell compliance from a benign answer.
+- Jailbreak answers often open with a refusal and then comply in a second persona ("GPT: I'm sorry …
+  DAN: Sure, …"). When the opening refuses, the onset is the next paragraph or persona label; with
+  neither, the whole response gets no token loss and counts only through the response-level loss.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from guard.tokenize import GuardTokenizer
+
+IGNORE = -1
+
+_PREFACE = re.compile(
+    r"^\W*(?:[\w ]{1,30}:\s*)?(?:sure|certainly|of course|absolutely|okay|ok|yes|alright|great|fine|"
+    r"here(?:'s| is| are)|i (?:can|will|'ll|would be (?:happy|glad))|happy to|glad to|as requested|"
+    r"title|step 1|to \w+)",
+    re.IGNORECASE,
+)
+_SENTENCE_END = re.compile(r"[.!?:](?:\s|$)|\n")
+_REFUSAL = re.compile(
+    r"\b(?:i'm sorry|i am sorry|i apologi[sz]e|i can ?not|i can't|i won't|i will not|as an ai|i'm unable|"
+    r"i am unable|i must (?:decline|refuse))",
+    re.IGNORECASE,
+)
+_NEXT_PART = re.compile(r"\n\s*\n|\n(?=\W{0,3}[\w ]{1,30}:)")
+
+
+def onset_char(response: str) -> int:
+    """Where a harmful response's harmful part is taken to start (see the module docstring)."""
+    refusal = _REFUSAL.search(response, 0, 200)
+    if refusal:
+        m = _NEXT_PART.search(response, refusal.end())
+        return m.end() if m else len(response)
+    return preface_end(response)
+
+
+def preface_end(response: str, max_chars: int = 300) -> int:
+    """Character offset where a compliant preface ends, or 0 when the response opens without one."""
+    if not _PREFACE.match(response):
+        return 0
+    m = _SENTENCE_END.search(response, 0, max_chars)
+    return m.end() if m else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    source: str
+    id: str
+    prompt: str | None
+    response: str
+    harmful: bool | None
+    file: str  # the file it came from: metrics are per file
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], file: str) -> Row:
+        return cls(
+            data["source"], str(data["id"]), data.get("prompt"), data["response"], data["harmful"], file
+        )
+
+
+def read_rows(paths: Sequence[Path]) -> list[Row]:
+    rows = []
+    for path in paths:
+        with path.open(encoding="utf-8") as f:
+            rows += [Row.from_json(json.loads(line), path.stem) for line in f if line.strip()]
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    ids: list[int]  # [CLS] prompt [SEP] response
+    n_prompt: int  # tokens before the response, specials included
+    targets: list[int]  # one per response token
+    harmful: bool
+    source: str
+
+
+def onset_targets(
+    n_tokens: int, starts: Sequence[int], harmful: bool, onset_char: int, min_onset: int
+) -> list[int]:
+    """Per-token targets for a response of `n_tokens` tokens (see the module docstring)."""
+    if not harmful:
+        return [0] * n_tokens
+    onset = next((i for i, s in enumerate(starts) if s >= onset_char), n_tokens)
+    onset = max(onset, min_onset)
+    return [IGNORE] * min(onset, n_tokens) + [1] * max(n_tokens - onset, 0)
+
+
+def make_example(
+    row: Row, tok: GuardTokenizer, max_prompt: int, max_response: int, min_onset: int, window_from: int = 0
+) -> Example:
+    """One example; `window_from` > 0 starts the response part later (how the scorer rolls over)."""
+    assert row.harmful is not None
+    # Tokenizing a bounded prefix is enough: ~6 characters per token is generous for English.
+    limit = (window_from + max_response) * 8
+    ids, starts = tok.encode(row.response[:limit])
+    onset = onset_char(row.response) if row.harmful else 0
+    targets = onset_targets(len(ids), starts, row.harmful, onset, min_onset)
+    ids, targets = (
+        ids[window_from : window_from + max_response],
+        targets[window_from : window_from + max_response],
+    )
+    head = tok.prompt_ids(row.prompt, max_prompt)
+    return Example(head + ids, len(head), targets, row.harmful, row.source)
+
+
+def build_examples(
+    rows: Sequence[Row], tok: GuardTokenizer, cfg: dict[str, Any], rng: random.Random
+) -> list[Example]:
+    """Labelled rows as they are, benign-only sources subsampled; some long benign answers as windows."""
+    per_source: dict[str, list[Row]] = {}
+    for row in rows:
+        if row.harmful is not None and row.response.strip():
+            per_source.setdefault(row.file, []).append(row)
+    caps: dict[str, int] = cfg.get("max_rows_per_file", {})
+    examples = []
+    for file, file_rows in sorted(per_source.items()):
+        rng.shuffle(file_rows)
+        for row in file_rows[: caps.get(file, len(file_rows))]:
+            examples.append(
+                make_example(
+                    row, tok, cfg["model"]["max_prompt_tokens"], cfg["max_response_tokens"], cfg["min_onset"]
+                )
+            )
+            if not row.harmful and rng.random() < cfg["window_fraction"]:
+                # Late text of long answers, as the scorer sees it after a context rollover.
+                n = len(tok.encode(row.response[: 8 * 2 * cfg["max_response_tokens"]])[0])
+                if n > cfg["max_response_tokens"] + 32:
+                    start = rng.randrange(32, n - cfg["max_response_tokens"] // 2)
+                    examples.append(
+                        make_example(
+                            row, tok, cfg["model"]["max_prompt_tokens"], cfg["max_response_tokens"], 0, start
+                        )
+                    )
+    return examples
+
+
+def batches(examples: Sequence[Example], batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """Index batches of similar length (little padding), in random order."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].ids), rng.random()))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(chunks)
+    yield from chunks

