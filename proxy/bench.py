@@ -125,9 +125,10 @@ def _quantiles(values: list[float]) -> dict[str, float | None]:
 
 
 def bench_row() -> Row:
-    """A benign response of exactly `BENCH_RESPONSE_TOKENS` approximate tokens, no two of them alike."""
+    """A benign response of exactly `BENCH_RESPONSE_TOKENS` approximate tokens, no two neighbours alike."""
+    flowers = ["red tulips", "white roses", "blue irises", "yellow daffodils", "purple asters"]
     text = " ".join(
-        f"Bed {i} holds tulips and bed {i + 1} holds roses." for i in range(BENCH_RESPONSE_TOKENS)
+        f"Bed {i} holds {3 * i + 4} {flowers[i % len(flowers)]}." for i in range(BENCH_RESPONSE_TOKENS)
     )
     pieces = ApproxTokenizer().split(text)[:BENCH_RESPONSE_TOKENS]
     return Row(prompt=BENCH_PROMPT, response="".join(pieces))
