@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientResponse, web
 
 from proxy.dialects.openai import (
     DONE,
@@ -114,6 +114,14 @@ def with_safety_instruction(req: OpenAIRequest, instruction: str) -> JSON:
     return body
 
 
+async def expect_event_stream(resp: ClientResponse) -> None:
+    """Raise unless the upstream answered a streaming request with 200 and an event stream."""
+    if resp.status != 200:
+        raise await upstream_error(resp)
+    if "Content-Type" in resp.headers and resp.content_type != "text/event-stream":
+        raise UpstreamError(f"upstream did not answer with an event stream but with {resp.content_type}")
+
+
 async def upstream_error(resp: Any) -> BacktrackError:
     """An upstream's non-200 answer as our error: 4xx pass through, 5xx become 502."""
     try:
@@ -149,41 +157,49 @@ class OpenAIRelay:
         response: web.StreamResponse | None = None
         body = self.req.body
         while True:
-            async with self.upstream.request("POST", self.path, self.headers, body) as up:
-                if up.status != 200:
-                    error = await upstream_error(up)
+            try:
+                async with self.upstream.request("POST", self.path, self.headers, body) as up:
+                    await expect_event_stream(up)
                     if response is None:
-                        raise error
-                    await response.write(self._abandon(error.message))
-                    break
+                        response = web.StreamResponse(headers=sse_headers(self.guarded.policy.name))
+                        await response.prepare(request)
+                    else:
+                        self._begin_regenerated()
+                    await self._relay(request, response, up)
+            except UpstreamError as exc:
                 if response is None:
-                    response = web.StreamResponse(headers=sse_headers(self.guarded.policy.name))
-                    await response.prepare(request)
-                decoder = OpenAIDecoder(chat=self.req.chat)
-                self.regenerate = self.upstream_done = False
-                try:
-                    async for data in read_chunks(up):
-                        await response.write(await self._handle(decoder, decoder.feed(data)))
-                        if self.regenerate or self.upstream_done:
-                            break
-                    else:
-                        await response.write(await self._handle(decoder, decoder.flush()))
-                except UpstreamError as exc:
-                    if self.regenerate:
-                        await response.write(self._give_up())
-                    else:
-                        await response.write(self._abandon(exc.message))
-                        break
+                    raise
+                # A regeneration that cannot be had is refused; a stream that broke ends in-band.
+                regenerating = any(
+                    run.engine.state is State.REGENERATING for run in self.guarded.runs.values()
+                )
+                await response.write(self._give_up() if regenerating else self._abandon(exc.message))
             if not self.regenerate:
                 break
             body = with_safety_instruction(self.req, self.guarded.policy.regenerate_instruction)
-            for run in self.guarded.runs.values():
-                if run.engine.state is State.REGENERATING:
-                    run.engine.begin_attempt()
-                    self.guarded.restart_guard(run)
         if not self.upstream_done or any(not run.done for run in self.guarded.runs.values()):
             await response.write(await self._end_all())
         return response
+
+    async def _relay(self, request: web.Request, response: web.StreamResponse, up: ClientResponse) -> None:
+        """One upstream attempt, until it ends or the engine asks for a regeneration."""
+        decoder = OpenAIDecoder(chat=self.req.chat)
+        self.regenerate = self.upstream_done = False
+        async for data in read_chunks(up):
+            # While text is held back nothing is written, and only a write notices a gone client.
+            if request.transport is None or request.transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            await response.write(await self._handle(decoder, decoder.feed(data)))
+            if self.regenerate or self.upstream_done:
+                return
+        await response.write(await self._handle(decoder, decoder.flush()))
+
+    def _begin_regenerated(self) -> None:
+        """The upstream answered the regeneration request: its stream is a new attempt, read afresh."""
+        for run in self.guarded.runs.values():
+            if run.engine.state is State.REGENERATING:
+                run.engine.begin_attempt()
+                self.guarded.restart_guard(run)
 
     async def _handle(self, decoder: OpenAIDecoder, events: list[Event]) -> bytes:
         # Chunks we build copy the envelope of the upstream's latest one (id, model, created, ...).
@@ -201,9 +217,7 @@ class OpenAIRelay:
                 run.upstream_reason, run.upstream_rest = event.reason, event.choice
                 out += self._encode(event.index, await self.guarded.finish(run))
                 touched.discard(event.index)
-            elif isinstance(event, Usage):
-                out += data_line(event.chunk)
-            elif isinstance(event, Passthrough):
+            elif isinstance(event, Usage | Passthrough):
                 out += data_line(event.chunk)
             elif isinstance(event, UpstreamFailure):
                 out += self._abandon(str(event.error.get("message", "upstream error")), event.error)
@@ -270,20 +284,19 @@ class OpenAIRelay:
     async def complete(self) -> web.Response:
         body = self.req.body
         resets: list[JSON] = []
+        answer: JSON | None = None
         while True:
-            async with self.upstream.request("POST", self.path, self.headers, body) as up:
-                if up.status != 200:
-                    raise await upstream_error(up)
-                raw = await read_body(up)
             try:
-                answer = json.loads(raw)
-                choices = answer["choices"]
-                assert isinstance(choices, list)
-            except (ValueError, KeyError, TypeError, AssertionError):
-                raise UpstreamError("upstream sent a malformed response") from None
+                fresh = await self._fetch_answer(body)
+            except UpstreamError:
+                if answer is None:
+                    raise
+                self._refuse_regenerating(answer, resets)  # the regeneration cannot be had
+                break
+            answer = fresh
             regenerate = False
-            for choice in choices:
-                index = choice.get("index", 0) if isinstance(choice, dict) else 0
+            for choice in answer["choices"]:
+                index = choice.get("index", 0)
                 run = self.guarded.run(index)
                 if run.done:
                     continue
@@ -296,8 +309,7 @@ class OpenAIRelay:
                     regenerate = True
                     continue
                 if regen:
-                    t2, reason, _ = _collect(run.engine.give_up(), resets, index)
-                    text = t2
+                    text, reason, _ = _collect(run.engine.give_up(), resets, index)
                 set_response_text(choice, text, self.req.chat)
                 choice["finish_reason"] = reason
             if not regenerate:
@@ -306,6 +318,30 @@ class OpenAIRelay:
         if resets:
             answer["backtrack"] = resets[-1] if len(resets) == 1 else {"event": "resets", "resets": resets}
         return web.json_response(answer, headers={"X-Backtrack-Policy": self.guarded.policy.name})
+
+    async def _fetch_answer(self, body: JSON) -> JSON:
+        async with self.upstream.request("POST", self.path, self.headers, body) as up:
+            if up.status != 200:
+                raise await upstream_error(up)
+            raw = await read_body(up)
+        try:
+            answer: JSON = json.loads(raw)
+        except ValueError:
+            answer = {}
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise UpstreamError("upstream sent a malformed response")
+        return answer
+
+    def _refuse_regenerating(self, answer: JSON, resets: list[JSON]) -> None:
+        """Choices waiting for a regeneration that failed get the refusal instead."""
+        for choice in answer["choices"]:
+            index = choice.get("index", 0)
+            run = self.guarded.runs.get(index)
+            if run is not None and run.engine.state is State.REGENERATING:
+                text, reason, _ = _collect(run.engine.give_up(), resets, index)
+                set_response_text(choice, text, self.req.chat)
+                choice["finish_reason"] = reason
 
     async def _judge_whole(self, run: ChoiceRun, choice: JSON) -> list[Output]:
         text = response_text(choice, self.req.chat)
@@ -346,6 +382,4 @@ def sse_headers(policy: str) -> dict[str, str]:
 
 def error_response(error: BacktrackError, policy: str | None = None) -> web.Response:
     headers = {"X-Backtrack-Policy": policy} if policy else None
-    return web.json_response(
-        error_object(error.message, error.kind), status=error.status, headers=headers
-    )
+    return web.json_response(error_object(error.message, error.kind), status=error.status, headers=headers)

@@ -50,8 +50,14 @@ class Upstream:
             send_headers["Content-Type"] = "application/json"
         try:
             resp = await self.session.request(method, self.url + path, data=data, headers=send_headers)
-        except TimeoutError:
-            raise UpstreamTimeout(f"upstream did not answer within {self.config.connect_timeout_seconds}s")
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamTimeout(
+                f"upstream did not accept a connection within {self.config.connect_timeout_seconds}s"
+            ) from None
+        except TimeoutError:  # the headers did not come within the read timeout
+            raise UpstreamTimeout(
+                f"upstream did not answer within {self.config.read_timeout_seconds}s"
+            ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from None
         try:
@@ -70,6 +76,11 @@ async def read_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         raise UpstreamTimeout("upstream stopped sending (read timeout)") from None
     except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
         raise UpstreamError(f"upstream stream broke: {type(exc).__name__}") from None
+    except RuntimeError as exc:
+        # aiohttp's StreamReader says this, as a bare RuntimeError, when the connection is already gone.
+        if str(exc) != "Connection closed.":
+            raise
+        raise UpstreamError("upstream stream broke: connection closed") from None
 
 
 async def read_body(resp: aiohttp.ClientResponse, limit: int = 64 * 1024 * 1024) -> bytes:
