@@ -73,6 +73,7 @@ class GuardedResponse:
                 break
             text = engine.take_unscored()
             if run.unguarded:
+                self.metrics.fail_open.labels(self.labels.policy).inc()
                 step = engine.on_guard_failure()
             else:
                 step = await self._verdict(run, text, final)
@@ -103,13 +104,15 @@ class GuardedResponse:
         except Exception:
             log.exception("guard failed")
             return self._failed(run, "error")
-        self.metrics.guard_latency.observe(time.perf_counter() - started)
+        self.metrics.guard_latency.labels(self.labels.policy).observe(time.perf_counter() - started)
         return run.engine.on_verdict(verdict)
 
     def _failed(self, run: ChoiceRun, kind: str) -> list[Output]:
         self.metrics.guard_failures.labels(self.labels.policy, kind, self.policy.fail_mode).inc()
         log.warning("guard unavailable (%s); policy %s fails %s", kind, self.policy.name, self.policy.fail_mode)
         run.unguarded = self.policy.fail_mode == "open"
+        if run.unguarded:
+            self.metrics.fail_open.labels(self.labels.policy).inc()
         return run.engine.on_guard_failure()
 
     def _observe(self, outputs: list[Output]) -> None:
@@ -118,6 +121,7 @@ class GuardedResponse:
                 self.metrics.resets.labels(
                     self.labels.policy, self.labels.route, self.labels.model, o.category, o.action.value
                 ).inc()
+                self.metrics.reset_position.labels(self.labels.policy).observe(o.position)
                 log.info(
                     "reset policy=%s route=%s category=%s action=%s detector=%s position=%d",
                     o.policy, self.labels.route, o.category, o.action.value, o.detector, o.position,
@@ -126,10 +130,11 @@ class GuardedResponse:
                 self.metrics.resets.labels(
                     self.labels.policy, self.labels.route, self.labels.model, o.category, Action.FLAG.value
                 ).inc()
+                self.metrics.reset_position.labels(self.labels.policy).observe(o.position)
 
     def observe_release(self, received: float) -> None:
         if received:
-            self.metrics.holdback_delay.observe(time.monotonic() - received)
+            self.metrics.holdback_delay.labels(self.labels.policy).observe(time.monotonic() - received)
 
     def close(self) -> None:
         for run in self.runs.values():

@@ -1,19 +1,44 @@
 """Prometheus metrics, named as DESIGN.md fixes them. One registry per app, so tests can read values.
 
-Labels stay low-cardinality: policy and route come from config, model names are bounded by
-`MAX_MODELS` (the rest are counted as "other"), and never a user, key or request id.
+Labels stay low-cardinality: policy and route come from config and the router, categories from the
+policies' detectors, model names are bounded by `MAX_MODELS` per process (the rest are counted as
+"other"), and never a user, key or request id.
+
+Several worker processes: prometheus-client chooses its storage when it is imported, from
+`PROMETHEUS_MULTIPROC_DIR`. When that is set, every process writes its values to files in that
+directory, and `exposition()` reads all of them, so any worker's `/metrics` shows the sum over workers.
+The directory must be emptied before the workers start.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 MAX_MODELS = 32
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+RELOAD_RESULTS = ("ok", "error")
+
+# Buckets fitted to each quantity, so that p50 and p99 fall between two bounds that mean something.
+# Reset positions are guard tokens into the attempt: early ones mean the prompt was the problem, late
+# ones that the answer drifted; the bounds double up to the longest answers.
+RESET_POSITION_BUCKETS = (0, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# A verdict takes about a millisecond on a GPU, tens on a CPU; the top bounds reach the policies' guard
+# timeouts (1-2 s by default), past which a verdict counts as a guard failure instead.
+GUARD_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+# A hold-back of 8-40 tokens at 10-100 tokens/s from the upstream: about 0.1 s to 4 s; a hold-back of
+# 0 shows the guard's latency alone.
+HOLDBACK_DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # Read where prometheus-client reads it: the two must agree on whether values live in files.
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV)
         r = self.registry
         self.streams = Counter(
             "backtrack_streams_total", "Responses handled (streamed or not)",
@@ -23,17 +48,21 @@ class Metrics:
             "backtrack_resets_total", "Resets and flags, by what triggered them and what was done",
             ["policy", "route", "model", "category", "action"], registry=r,
         )  # fmt: skip
+        self.reset_position = Histogram(
+            "backtrack_reset_position_tokens", "Guard tokens into the response where a reset or flag came",
+            ["policy"], buckets=RESET_POSITION_BUCKETS, registry=r,
+        )  # fmt: skip
         self.guard_latency = Histogram(
             "backtrack_guard_latency_seconds", "Time from handing text to the guard to its verdict",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=r,
+            ["policy"], buckets=GUARD_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.holdback_delay = Histogram(
             "backtrack_holdback_delay_seconds", "Time text spends in the hold-back buffer before release",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=r,
+            ["policy"], buckets=HOLDBACK_DELAY_BUCKETS, registry=r,
         )  # fmt: skip
         self.guard_batch_size = Histogram(
             "backtrack_guard_batch_size", "Streams scored together in one guard forward pass",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
+            buckets=BATCH_SIZE_BUCKETS, registry=r,
         )  # fmt: skip
         self.upstream_errors = Counter(
             "backtrack_upstream_errors_total", "Upstream failures: refused, timed out, 4xx/5xx, malformed",
@@ -43,7 +72,22 @@ class Metrics:
             "backtrack_guard_failures_total", "Verdicts that did not come (timeout, overload, error)",
             ["policy", "kind", "fail_mode"], registry=r,
         )  # fmt: skip
-        self.active_streams = Gauge("backtrack_active_streams", "Responses in flight", ["route"], registry=r)
+        self.fail_open = Counter(
+            "backtrack_fail_open_total", "Times text was released unjudged because the guard failed and "
+            "the policy fails open", ["policy"], registry=r,
+        )  # fmt: skip
+        self.policy_reloads = Counter(
+            "backtrack_policy_reloads_total", "Policy reloads, by whether the new policies were taken",
+            ["result"], registry=r,
+        )  # fmt: skip
+        # Both results exist from the start, so a rule on errors has a series to read before any reload.
+        for result in RELOAD_RESULTS:
+            self.policy_reloads.labels(result)
+        # livesum: across workers the gauge adds up, and a worker that exits takes its streams with it.
+        self.active_streams = Gauge(
+            "backtrack_active_streams", "Responses in flight", ["route"],
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
         self._models: set[str] = set()
 
     def model_label(self, model: str) -> str:
@@ -53,3 +97,17 @@ class Metrics:
             self._models.add(model)
             return model
         return "other"
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric: of all workers together in multiprocess mode."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        # prometheus_client.multiprocess has no annotations.
+        MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+    def close(self) -> None:
+        """This process stops serving: its live gauges leave the multiprocess sums."""
+        if self.multiprocess_dir is not None:
+            mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.config import Settings
 from proxy.errors import BacktrackError, ClientError, PayloadTooLarge
@@ -46,6 +46,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
     app.cleanup_ctx.extend([upstream_ctx, guard_ctx])
+    app.on_cleanup.append(close_metrics)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
@@ -107,6 +108,10 @@ async def guard_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         if scorer is not None:
             await scorer.stop()
+
+
+async def close_metrics(app: web.Application) -> None:
+    app[METRICS].close()
 
 
 def build_guard(policy: Policy, scorer: Any = None) -> Guard:
@@ -221,5 +226,5 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    body = request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
