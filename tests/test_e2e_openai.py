@@ -33,7 +33,7 @@ def events(chunks: list[ChatCompletionChunk] | list[Completion]) -> list[Any]:
         if "backtrack" in extra:
             out.append(extra["backtrack"])
         for choice in chunk.choices:
-            text = choice.text if isinstance(chunk, Completion) else choice.delta.content  # type: ignore[union-attr]
+            text = choice.text if isinstance(chunk, Completion) else choice.delta.content
             if text and out and isinstance(out[-1], str):
                 out[-1] += text
             elif text:
