@@ -143,7 +143,8 @@ class Expected:
 
     def due(self, received_chars: int, tokens_per_second: float | None) -> float:
         """When the upstream is scheduled to send the delta that completes `received_chars` characters,
-        in seconds after it starts streaming (0 for an unthrottled upstream)."""
+        in seconds after it starts streaming (0 for an unthrottled upstream).
+        """
         if not tokens_per_second:
             return 0.0
         # Step 0 of a replayed stream is the role chunk; content delta j goes out at step j + 1.
@@ -338,7 +339,7 @@ async def _run_path(
 
 
 def added_latency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Proxy minus direct at the same concurrency, for TTFB, TTFT and inter-chunk gap (ms)."""
+    """Proxy minus direct at the same concurrency, for TTFB, TTFT, inter-chunk gap and lag (ms)."""
     direct = {r["concurrency"]: r for r in rows if r["path"] == "direct"}
     added = []
     for row in rows:
@@ -347,14 +348,13 @@ def added_latency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         entry: dict[str, Any] = {"path": row["path"], "concurrency": row["concurrency"]}
         for metric in ("ttfb_ms", "ttft_ms", "gap_ms", "lag_ms"):
-            entry[metric] = {
-                q: None
-                if row[metric][q] is None or base[metric][q] is None
-                else row[metric][q] - base[metric][q]
-                for q in ("p50", "p99")
-            }
+            entry[metric] = {q: _minus(row[metric][q], base[metric][q]) for q in ("p50", "p99")}
         added.append(entry)
     return added
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def _pair(values: dict[str, float | None], signed: bool = False) -> str:
@@ -565,7 +565,10 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the benchmark, print the table, write it (and the JSON) to `--out`; 1 when it cannot run."""
+    """Run the benchmark, print the table, write it and the JSON to `--out`.
+
+    Returns 2 for bad options, 1 when the benchmark cannot run (the error says why), else 0.
+    """
     if args.requests_per_stream < 1 or args.holdback < 0:
         print(
             "backtrack bench proxy: error: --requests-per-stream must be >= 1, --holdback >= 0",

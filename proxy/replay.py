@@ -101,7 +101,8 @@ def load_rows(path: Path) -> list[Row]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from None
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines also breaks at U+2028 and friends, which JSON strings may hold raw.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -112,13 +113,19 @@ def load_rows(path: Path) -> list[Row]:
             raise ConfigError(f"{path}:{number}: a row must be a JSON object, got {type(data).__name__}")
         response, prompt = data.get("response"), data.get("prompt")
         if not isinstance(response, str):
-            raise ConfigError(f"{path}:{number}: 'response' must be a string, got {response!r}")
+            raise ConfigError(f"{path}:{number}: 'response' must be a string, got {_shown(response)}")
         if prompt is not None and not isinstance(prompt, str):
-            raise ConfigError(f"{path}:{number}: 'prompt' must be a string or null, got {prompt!r}")
+            raise ConfigError(f"{path}:{number}: 'prompt' must be a string or null, got {_shown(prompt)}")
         rows.append(Row(prompt=prompt, response=response))
     if not rows:
         raise ConfigError(f"{path}: no rows")
     return rows
+
+
+def _shown(value: Any) -> str:
+    """A value as it was written in the file, cut short."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def create_replay_app(rows: list[Row], tokens_per_second: float | None = None) -> web.Application:

@@ -294,10 +294,15 @@ def test_load_rows_reads_prompts_and_responses_and_skips_blank_lines(tmp_path: P
         tmp_path,
         '{"source": "s", "id": "1", "prompt": "Hi", "response": "Hello", "harmful": false}\n'
         "\n"
-        '{"source": "s", "id": "2", "prompt": null, "response": "Alone"}\n',
+        '{"source": "s", "id": "2", "prompt": null, "response": "Alone"}\n'
+        '{"source": "s", "id": "3", "prompt": "Poem?", "response": "One line\u2028and the next"}\n',
     )
 
-    assert load_rows(path) == [Row(prompt="Hi", response="Hello"), Row(prompt=None, response="Alone")]
+    assert load_rows(path) == [
+        Row(prompt="Hi", response="Hello"),
+        Row(prompt=None, response="Alone"),
+        Row(prompt="Poem?", response="One line\u2028and the next"),
+    ]
 
 
 def test_a_missing_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
@@ -322,7 +327,7 @@ def test_a_row_without_a_string_response_is_named_by_number(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as caught:
         load_rows(path)
 
-    assert caught.value.message == f"{path}:3: 'response' must be a string, got None"
+    assert caught.value.message == f"{path}:3: 'response' must be a string, got null"
 
 
 def test_a_row_with_a_non_string_prompt_or_an_empty_file_is_refused(tmp_path: Path) -> None:
@@ -331,7 +336,7 @@ def test_a_row_with_a_non_string_prompt_or_an_empty_file_is_refused(tmp_path: Pa
     with pytest.raises(ConfigError) as empty:
         load_rows(write(tmp_path, "\n"))
 
-    assert bad_prompt.value.message.endswith(":1: 'prompt' must be a string or null, got ['Hi']")
+    assert bad_prompt.value.message.endswith(":1: 'prompt' must be a string or null, got [\"Hi\"]")
     assert empty.value.message.endswith("rows.jsonl: no rows")
 
 
