@@ -47,17 +47,24 @@ def serve_command(args: argparse.Namespace) -> int:
     from proxy.config import load_settings
     from proxy.server import create_app
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = load_settings(args.config, host=args.host, port=args.port, upstream=args.upstream)
-    print(
-        f"backtrack: serving on http://{settings.server.host}:{settings.server.port} "
-        f"(upstream: {settings.upstream.url or 'built-in demo'}; policies: {', '.join(settings.policies)})",
-        flush=True,
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    web.run_app(
-        create_app(settings), host=settings.server.host, port=settings.server.port, print=None,
-        access_log=None,
-    )  # fmt: skip
+    settings = load_settings(args.config, host=args.host, port=args.port, upstream=args.upstream)
+    banner = (
+        f"backtrack: serving on http://{settings.server.host}:{settings.server.port} "
+        f"(upstream: {settings.upstream.url or 'built-in demo'}; policies: {', '.join(settings.policies)})"
+    )
+    try:
+        # aiohttp calls `print` once it listens, so the banner never announces a port it could not take.
+        web.run_app(
+            create_app(settings), host=settings.server.host, port=settings.server.port,
+            print=lambda _: print(banner, flush=True), access_log=None,
+        )  # fmt: skip
+    except OSError as exc:  # the address is taken or not ours to listen on
+        where = f"{settings.server.host}:{settings.server.port}"
+        print(f"backtrack: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -144,3 +144,18 @@ def test_replay_upstream_with_a_bad_data_file_says_which_line(tmp_path: Path) ->
     assert result.returncode == 2
     assert f"{data}:2: not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_on_a_port_that_is_taken_exits_1_without_a_traceback() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        result = backtrack("serve", "--port", str(port), "--upstream", "http://127.0.0.1:9")
+
+    assert result.returncode == 1
+    assert f"backtrack: cannot listen on 127.0.0.1:{port}: " in result.stderr
+    assert "address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "serving on" not in result.stdout
