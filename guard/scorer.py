@@ -1,0 +1,316 @@
+"""The batched incremental scorer the proxy uses, and the per-policy `Guard` on top of it.
+
+Theory of operation:
+- One `BatchScorer` owns the model. Every live response stream has a `StreamState`: its KV cache, the
+  tokens waiting to be scored, and the logits of its response tokens so far.
+- `ModelStream.feed` tokenizes new text incrementally (same tokens as the whole text), appends them to
+  its stream's pending tokens and waits until they are scored. The scorer's queue holds streams with
+  waiting feeds; when `queue_size` streams already wait, a feed raises `GuardOverloaded` (its tokens stay
+  pending and are scored with that stream's next feed, so the cache never loses text).
+- One worker takes queued streams until `max_batch_tokens`, runs one forward pass over all of their
+  pending tokens against their padded KV caches in a thread (the event loop never blocks), appends the
+  new keys/values to each cache, and wakes the waiting feeds.
+- A feed cancelled by the caller's timeout leaves its tokens pending; the worker scores them anyway
+  and the stream's next feed catches up, so cancellation never desynchronises a cache.
+- When a stream reaches the model's position limit it rolls over: the cache restarts from the prompt and
+  the last `rollover_keep` response tokens (their logits, already known, are not used again).
+- The reset rule belongs to the policy's `Guard`: p = sigmoid(logit + logit_bias); token i resets when
+  p >= threshold at i and at the `consecutive - 1` tokens before it. `Reset.at` is where that run starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from guard.model import GuardModel, load_checkpoint, resolve_base
+from guard.tokenize import GuardTokenizer, IncrementalTokenizer
+from proxy.errors import GuardError, GuardOverloaded
+from proxy.guards import Reset, Verdict
+
+BUNDLED = Path(__file__).resolve().parent / "checkpoint"
+
+
+@dataclass(eq=False)
+class StreamState:
+    prompt_ids: list[int]
+    pending: list[tuple[int, int, bool]]  # (token id, token type, whether its logit is wanted)
+    kv: Tensor | None = None  # (layers, 2, heads, capacity, head_dim)
+    length: int = 0  # tokens in the cache
+    response_ids: list[int] = field(default_factory=list)  # all response tokens submitted
+    logits: list[float] = field(default_factory=list)  # one per scored response token
+    waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
+    queued: bool = False
+    closed: bool = False
+
+
+@dataclass
+class _Item:
+    state: StreamState
+    take: list[tuple[int, int, bool]]
+
+
+class BatchScorer:
+    """Owns the guard model and the worker that batches all live streams (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: GuardModel,
+        tokenizer: GuardTokenizer,
+        *,
+        max_batch_tokens: int = 512,
+        queue_size: int = 256,
+        rollover_keep: int = 128,
+        threads: int | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_tokens = max_batch_tokens
+        self.queue_size = queue_size
+        self.rollover_keep = rollover_keep
+        self.threads = threads
+        self.queue: deque[StreamState] = deque()
+        self.wake = asyncio.Event()
+        self.worker: asyncio.Task[None] | None = None
+        self.inflight: list[_Item] = []
+        self.batch_sizes: list[int] = []  # streams per forward pass, for metrics and the bench
+
+    async def start(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.wake = asyncio.Event()
+        self.worker = asyncio.create_task(self._run(), name="guard-scorer")
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+            await asyncio.gather(self.worker, return_exceptions=True)
+            self.worker = None
+        for state in [it.state for it in self.inflight] + list(self.queue):
+            self._fail(state, GuardError("guard scorer stopped"))
+        self.queue.clear()
+        self.inflight = []
+
+    def guard(self, logit_bias: float, threshold: float, category: str = "unsafe") -> ModelGuard:
+        """A lightweight per-policy guard sharing this scorer's model and worker."""
+        return ModelGuard(self, logit_bias, threshold, category)
+
+    def open_state(self, prompt: str | None) -> StreamState:
+        ids = self.tokenizer.prompt_ids(prompt, self.model.cfg.max_prompt_tokens)
+        return StreamState(ids, [(t, 0, False) for t in ids])
+
+    async def score(self, state: StreamState, ids: list[int]) -> None:
+        """Queue `ids` (new response tokens) and wait until every response token so far is scored."""
+        if self.worker is None:
+            raise GuardError("guard scorer not started")
+        state.pending += [(t, 1, True) for t in ids]
+        state.response_ids += ids
+        target = len(state.response_ids)
+        if len(state.logits) >= target:
+            return
+        if not state.queued and len(self.queue) >= self.queue_size:
+            raise GuardOverloaded(f"guard queue full ({self.queue_size} streams waiting)")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        state.waiters.append((target, fut))
+        if not state.queued:
+            state.queued = True
+            self.queue.append(state)
+            self.wake.set()
+        await fut
+
+    def close_state(self, state: StreamState) -> None:
+        state.closed = True
+        state.kv = None
+        for _, fut in state.waiters:
+            fut.cancel()
+        state.waiters.clear()
+
+    async def _run(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.queue:
+                items = self._take_batch()
+                if not items:
+                    continue
+                try:
+                    logits = await asyncio.to_thread(self._forward, items)
+                except Exception as exc:  # any model failure becomes the policy's fail mode
+                    for item in items:
+                        item.state.pending[:0] = item.take
+                        self._fail(item.state, GuardError(f"guard model failed: {exc!r}"))
+                    continue
+                self.batch_sizes.append(len(items))
+                for item, row in zip(items, logits, strict=True):
+                    self._finish(item, row)
+
+    def _take_batch(self) -> list[_Item]:
+        items: list[_Item] = []
+        budget = self.max_batch_tokens
+        # Equal slices keep the padded batch dense; a stream with more left goes round again.
+        share = max(16, self.max_batch_tokens // max(1, len(self.queue)))
+        while self.queue and budget > 0:
+            state = self.queue.popleft()
+            state.queued = False
+            if state.closed or not state.pending:
+                continue
+            if state.length + min(len(state.pending), share, budget) > self.model.cfg.max_positions:
+                self._rollover(state)
+            n = min(len(state.pending), share, budget, self.model.cfg.max_positions - state.length)
+            items.append(_Item(state, state.pending[:n]))
+            del state.pending[:n]
+            budget -= n
+        self.inflight = items
+        return items
+
+    def _rollover(self, state: StreamState) -> None:
+        keep = state.response_ids[max(0, len(state.logits) - self.rollover_keep) : len(state.logits)]
+        replay = [(t, 0, False) for t in state.prompt_ids] + [(t, 1, False) for t in keep]
+        state.pending[:0] = replay
+        state.length = 0
+
+    def _finish(self, item: _Item, row: list[float]) -> None:
+        state = item.state
+        if state.closed:
+            state.kv = None
+            return
+        state.logits += [x for x, (_, _, wanted) in zip(row, item.take, strict=True) if wanted]
+        done = len(state.logits)
+        still = []
+        for target, fut in state.waiters:
+            if target <= done:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((target, fut))
+        state.waiters = still
+        if state.pending and state.waiters and not state.queued:
+            state.queued = True
+            self.queue.append(state)
+
+    def _fail(self, state: StreamState, exc: GuardError) -> None:
+        state.queued = False
+        for _, fut in state.waiters:
+            if not fut.done():
+                fut.set_exception(exc)
+        state.waiters.clear()
+
+    @torch.no_grad()
+    def _forward(self, items: list[_Item]) -> list[list[float]]:
+        """One pass over every item's new tokens; runs in a worker thread."""
+        cfg = self.model.cfg
+        B, T = len(items), max(len(it.take) for it in items)
+        P = max(it.state.length for it in items)
+        H, D = cfg.n_heads, cfg.hidden // cfg.n_heads
+        ids = torch.zeros(B, T, dtype=torch.long)
+        types = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.zeros(B, T, dtype=torch.long)
+        past = torch.zeros(cfg.n_layers, 2, B, H, P, D)
+        mask = torch.zeros(B, 1, T, P + T, dtype=torch.bool)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        for b, it in enumerate(items):
+            n, L = len(it.take), it.state.length
+            ids[b, :n] = torch.tensor([t for t, _, _ in it.take])
+            types[b, :n] = torch.tensor([ty for _, ty, _ in it.take])
+            positions[b] = torch.arange(L, L + T).clamp(max=cfg.max_positions - 1)
+            if L and it.state.kv is not None:
+                past[:, :, b, :, :L] = it.state.kv[:, :, :, :L]
+            mask[b, 0, :, :L] = True
+            mask[b, 0, :, P:] = causal
+        logits, new_kv = self.model.step(ids, types, positions, mask, [(kv[0], kv[1]) for kv in past])
+        stacked = torch.stack([torch.stack(kv) for kv in new_kv])  # (layers, 2, B, H, T, D)
+        for b, it in enumerate(items):
+            n, L = len(it.take), it.state.length
+            kv = it.state.kv
+            if kv is None or kv.shape[3] < L + n:
+                capacity = min(cfg.max_positions, max(128, 2 * (L + n)))
+                grown = torch.zeros(cfg.n_layers, 2, H, capacity, D)
+                if kv is not None and L:
+                    grown[:, :, :, :L] = kv[:, :, :, :L]
+                kv = grown
+            kv[:, :, :, L : L + n] = stacked[:, :, b, :, :n]
+            it.state.kv = kv
+            it.state.length = L + n
+        return [logits[b, : len(it.take)].tolist() for b, it in enumerate(items)]
+
+
+class ModelStream:
+    """One response attempt read by the guard model under one policy's reset rule."""
+
+    def __init__(self, guard: ModelGuard, prompt: str | None) -> None:
+        self.guard = guard
+        self.scorer = guard.scorer
+        self.state = self.scorer.open_state(prompt)
+        self.tok = IncrementalTokenizer(self.scorer.tokenizer)
+        self.checked = 0  # response tokens whose logits the rule has looked at
+        self.run = 0  # consecutive tokens over threshold, ending at the last checked one
+        self.max_p = 0.0
+        self.reset: Reset | None = None
+
+    async def feed(self, text: str, *, final: bool = False) -> Verdict:
+        if self.reset is not None:
+            self.tok.text += text
+            return Verdict(len(self.tok.text), self.reset, self.max_p)
+        ids, _ = self.tok.feed(text, final=final)
+        if ids or len(self.state.logits) < len(self.state.response_ids):
+            await self.scorer.score(self.state, ids)
+        self._apply_rule()
+        if self.reset is not None:
+            return Verdict(len(self.tok.text), self.reset, self.max_p)
+        return Verdict(self.tok.done_until, None, self.max_p)
+
+    def _apply_rule(self) -> None:
+        g, k = self.guard, self.scorer.model.cfg.consecutive
+        logits = self.state.logits
+        while self.checked < len(logits) and self.reset is None:
+            p = _sigmoid(logits[self.checked] + g.logit_bias)
+            self.max_p = max(self.max_p, p)
+            self.run = self.run + 1 if p >= g.threshold else 0
+            if self.run >= k:
+                first = self.checked - k + 1
+                self.reset = Reset(self.tok.starts[first], g.category, p, "model")
+            self.checked += 1
+
+    def close(self) -> None:
+        self.scorer.close_state(self.state)
+
+
+class ModelGuard:
+    """The guard model under one policy's `logit_bias` and `threshold`."""
+
+    name = "model"
+
+    def __init__(self, scorer: BatchScorer, logit_bias: float, threshold: float, category: str) -> None:
+        self.scorer = scorer
+        self.tokenizer = scorer.tokenizer
+        self.logit_bias = logit_bias
+        self.threshold = threshold
+        self.category = category
+
+    def open(self, prompt: str | None) -> ModelStream:
+        return ModelStream(self, prompt)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def load_scorer(
+    checkpoint: Path | None = None,
+    base: str | None = None,
+    max_batch_tokens: int = 512,
+    queue_size: int = 256,
+    threads: int | None = None,
+) -> BatchScorer:
+    """A scorer for a guard checkpoint (None: the bundled one) on its base (None: the one it names)."""
+    model, _ = load_checkpoint(checkpoint or BUNDLED, base)
+    tokenizer = GuardTokenizer(resolve_base(base or model.cfg.base))
+    return BatchScorer(
+        model, tokenizer, max_batch_tokens=max_batch_tokens, queue_size=queue_size, threads=threads
+    )
