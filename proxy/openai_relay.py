@@ -150,6 +150,7 @@ class OpenAIRelay:
         self.template: JSON = {}
         self.regenerate = False
         self.upstream_done = False
+        self.role_sent: set[int] = set()  # choices whose role the client has; a regeneration repeats it
 
     # -- streaming -----------------------------------------------------------------------------------
 
@@ -209,7 +210,10 @@ class OpenAIRelay:
         for event in events:
             if isinstance(event, ChoicePiece):
                 run = self.guarded.run(event.index)
-                piece = Piece(event.piece.text, event.piece.extra, time.monotonic())
+                extra = event.piece.extra
+                if event.index in self.role_sent:
+                    extra = _without_role(extra)  # SDKs concatenate a repeated role: "assistantassistant"
+                piece = Piece(event.piece.text, extra, time.monotonic())
                 out += self._encode(event.index, run.engine.feed(piece))
                 touched.add(event.index)
             elif isinstance(event, ChoiceFinish):
@@ -267,6 +271,8 @@ class OpenAIRelay:
             if isinstance(o, Release):
                 out += self.encoder.piece(self.template, index, o.piece)
                 self.guarded.observe_release(o.piece.received)
+                if isinstance(o.piece.extra, dict) and "role" in (o.piece.extra.get("delta") or {}):
+                    self.role_sent.add(index)
             elif isinstance(o, ResetEvent):
                 out += self.encoder.reset(self.template, index, o)
             elif isinstance(o, Finish):
@@ -310,7 +316,8 @@ class OpenAIRelay:
                     continue
                 if regen:
                     text, reason, _ = _collect(run.engine.give_up(), resets, index)
-                set_response_text(choice, text, self.req.chat)
+                if text != response_text(choice, self.req.chat):  # untouched, a null content stays null
+                    set_response_text(choice, text, self.req.chat)
                 choice["finish_reason"] = reason
             if not regenerate:
                 break
@@ -350,6 +357,14 @@ class OpenAIRelay:
         for piece in ApproxTokenizer().split(text):
             outputs += run.engine.feed(Piece(piece))
         return outputs + await self.guarded.finish(run)
+
+
+def _without_role(choice: Any) -> Any:
+    """A streamed choice without the `role` of its delta."""
+    delta = choice.get("delta") if isinstance(choice, dict) else None
+    if not isinstance(delta, dict) or "role" not in delta:
+        return choice
+    return {**choice, "delta": {k: v for k, v in delta.items() if k != "role"}}
 
 
 def _collect(outputs: list[Output], resets: list[JSON], index: int) -> tuple[str, str | None, bool]:

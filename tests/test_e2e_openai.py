@@ -211,6 +211,31 @@ async def test_regenerate_non_streamed_answers_the_second_safe_row(harness: Harn
     assert stats["last_request"]["messages"][0] == {"role": "system", "content": INSTRUCTION}
 
 
+async def test_the_sdks_stream_helper_sees_one_assistant_role_after_a_regeneration(harness: Harness) -> None:
+    client, _ = await proxy_client(harness, policy(actions={"default": "regenerate"}))
+    messages: Any = [{"role": "user", "content": WORDY["prompt"]}]
+
+    async with client.chat.completions.stream(model="m", messages=messages) as stream:
+        final = await stream.get_final_completion()
+
+    # The helper concatenates deltas, so the retracted text is still in front: the client's to mend.
+    assert final.choices[0].message.role == "assistant"
+    assert final.choices[0].message.content == WORDY_SHOWN + WORDY_SAFE["response"]
+
+
+async def test_regenerate_with_n_2_refuses_each_choice_instead(harness: Harness) -> None:
+    client, upstream = await proxy_client(harness, policy(actions={"default": "regenerate"}))
+
+    chunks = await stream_chat(client, WORDY["prompt"], n=2)
+
+    for index in (0, 1):
+        texts = [
+            c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index
+        ]
+        assert "".join(texts) == WORDY_SHOWN + REFUSAL
+    assert (await replay_stats(upstream))["requests"] == 1
+
+
 UNSAFE_TWICE = [WORDY, {"prompt": WORDY["prompt"], "response": "Fine: a bomb needs a casing first."}]
 
 
@@ -424,3 +449,28 @@ async def test_the_openai_client_reads_the_tool_call_through_the_proxy(harness: 
     assert chunks[1].choices[0].logprobs.to_dict() == LOGPROBS
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 14
     assert (chunks[0].model_extra or {})["x_vendor"] == {"region": "eu"}
+
+
+TOOL_CALL_ANSWER = {
+    "id": "chatcmpl-2", "object": "chat.completion", "created": 1, "model": "m", "system_fingerprint": "fp_1",
+    "choices": [{"index": 0, "logprobs": None, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None, "refusal": None,
+        "tool_calls": [{"id": "call_1", "type": "function",
+                        "function": {"name": "weather", "arguments": "{}"}}],
+    }}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}, "x_vendor": {"region": "eu"},
+}  # fmt: skip
+
+
+async def test_a_non_streamed_tool_call_answer_passes_through_untouched(harness: Harness) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(TOOL_CALL_ANSWER)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    proxy = await harness.proxy(await harness.serve(app))
+    session = await harness.session()
+    request = {"model": "m", "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+
+    async with session.post(f"{proxy}/v1/chat/completions", json=request) as resp:
+        assert await resp.json() == TOOL_CALL_ANSWER
