@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.config import Settings
-from proxy.errors import BacktrackError, ClientError, PayloadTooLarge
+from proxy.errors import BacktrackError, ClientError, PayloadTooLarge, UpstreamError
 from proxy.guarded import GuardedResponse, Labels
 from proxy.guards import CompositeGuard, Guard, MarkerGuard, PatternGuard
 from proxy.metrics import Metrics
@@ -212,7 +212,7 @@ async def models(request: web.Request) -> web.Response:
         try:
             json.loads(body)
         except ValueError:
-            raise ClientError("upstream answered /v1/models with something that is not JSON", status=502)
+            raise UpstreamError("upstream answered /v1/models with something that is not JSON") from None
         return web.Response(body=body, status=up.status, content_type="application/json")
 
 

@@ -302,6 +302,24 @@ async def test_a_regeneration_the_upstream_cannot_give_is_refused(harness: Harne
     await still_serves(client)
 
 
+async def test_models_from_an_upstream_that_answers_html_is_a_502(harness: Harness) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="<html>Welcome to nginx</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/v1/models", handler)
+    client = await harness.client(await harness.proxy(await harness.serve(app)))
+
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client.models.list()
+
+    assert caught.value.status_code == 502
+    assert caught.value.body == {
+        "message": "upstream answered /v1/models with something that is not JSON", "type": "upstream_error",
+        "param": None, "code": None,
+    }  # fmt: skip
+
+
 async def test_an_upstream_that_refuses_connections_is_a_502(harness: Harness) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
