@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test lint typecheck unit clean
+.PHONY: run test lint typecheck unit monitoring-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,14 @@ lint: $(DEV_STAMP)
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
-unit: $(DEV_STAMP)
+# tests/test_monitoring.py runs Prometheus and promtool from the Debian prometheus package; CI runs as
+# root, so it is installed when either is missing. `make run` does not need it.
+monitoring-deps:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus; \
+	fi
+
+unit: $(DEV_STAMP) monitoring-deps
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
