@@ -151,36 +151,53 @@ class OpenAIRelay:
         self.regenerate = False
         self.upstream_done = False
         self.role_sent: set[int] = set()  # choices whose role the client has; a regeneration repeats it
+        self.response: web.StreamResponse | None = None  # once set, the client has the headers
 
     # -- streaming -----------------------------------------------------------------------------------
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
-        response: web.StreamResponse | None = None
+        try:
+            return await self._stream(request)
+        except ConnectionResetError:
+            raise
+        except Exception as exc:
+            if self.response is None:
+                raise  # no headers yet: the server answers with an error response
+            # An error response now would land inside the event stream: end it in-band instead.
+            if isinstance(exc, BacktrackError):
+                error = error_object(exc.message, exc.kind)["error"]
+            else:
+                log.exception("error mid-stream on %s", self.path)
+                error = error_object("internal error in the proxy")["error"]
+            await self.response.write(self._abandon(error["message"], error))
+            return self.response
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
         body = self.req.body
         while True:
             try:
                 async with self.upstream.request("POST", self.path, self.headers, body) as up:
                     await expect_event_stream(up)
-                    if response is None:
-                        response = web.StreamResponse(headers=sse_headers(self.guarded.policy.name))
-                        await response.prepare(request)
+                    if self.response is None:
+                        self.response = web.StreamResponse(headers=sse_headers(self.guarded.policy.name))
+                        await self.response.prepare(request)
                     else:
                         self._begin_regenerated()
-                    await self._relay(request, response, up)
+                    await self._relay(request, self.response, up)
             except UpstreamError as exc:
-                if response is None:
+                if self.response is None:
                     raise
                 # A regeneration that cannot be had is refused; a stream that broke ends in-band.
                 regenerating = any(
                     run.engine.state is State.REGENERATING for run in self.guarded.runs.values()
                 )
-                await response.write(self._give_up() if regenerating else self._abandon(exc.message))
+                await self.response.write(self._give_up() if regenerating else self._abandon(exc.message))
             if not self.regenerate:
                 break
             body = with_safety_instruction(self.req, self.guarded.policy.regenerate_instruction)
         if not self.upstream_done or any(not run.done for run in self.guarded.runs.values()):
-            await response.write(await self._end_all())
-        return response
+            await self.response.write(await self._end_all())
+        return self.response
 
     async def _relay(self, request: web.Request, response: web.StreamResponse, up: ClientResponse) -> None:
         """One upstream attempt, until it ends or the engine asks for a regeneration."""

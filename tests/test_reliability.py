@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from harness import BENIGN, MARKED, POLICY, Harness, policy, replay_stats
 
+from proxy.dialects.openai import OpenAIEncoder
 from proxy.server import create_app
 
 LONG = {"prompt": "Count slowly.", "response": " ".join(str(i) for i in range(300))}
@@ -280,6 +281,33 @@ async def test_an_upstream_failure_mid_stream_is_an_in_band_error_then_done(
         async for _ in stream:
             pass
     await still_serves(client)
+
+
+async def test_a_bug_in_the_proxy_mid_stream_ends_the_stream_in_band(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object) -> bytes:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(OpenAIEncoder, "reset", broken)
+    upstream = await harness.replay()
+    proxy = await harness.proxy(upstream, policy(holdback_tokens=4))
+
+    # A second HTTP response written into the event stream would make this POST fail to parse.
+    status, _, body = await post(harness, f"{proxy}{CHAT}", json=chat_request(MARKED["prompt"], stream=True))
+
+    assert status == 200  # the headers had gone out when the bug struck
+    *_, error, done = data_lines(body)
+    assert json.loads(error) == {
+        "error": {
+            "message": "internal error in the proxy",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    assert done == "[DONE]"
+    await still_serves(await harness.client(proxy))
 
 
 @pytest.mark.parametrize("prompt", ["unsafe, then the retry fails", "unsafe, then the retry stalls"])
