@@ -1,11 +1,11 @@
 """Settings: `config.yaml`, validated into frozen objects. Paths in it are relative to the file.
 
-    server:   host, port, body size limit
-    upstream: the LLM server's root URL (or none: the built-in demo upstream), its key, timeouts
-    guard:    the guard model's checkpoint and batching
-    policies: name -> policy file; `default_policy` names the one used when nothing selects another
-    redis:    url (BACKTRACK_REDIS_URL overrides it); none = in-memory state
-    admin:    the environment variable holding the admin token
+server:   host, port, body size limit
+upstream: the LLM server's root URL (or none: the built-in demo upstream), its key, timeouts
+guard:    the guard model's checkpoint and batching
+policies: name -> policy file; `default_policy` names the one used when nothing selects another
+redis:    url (BACKTRACK_REDIS_URL overrides it); none = in-memory state
+admin:    the environment variable holding the admin token
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class ConfigFile(_Frozen):
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     guard: GuardConfig = GuardConfig()
-    policies: dict[str, str] = {}
+    policies: dict[str, str] = Field(default_factory=dict)
     default_policy: str = "default"
     redis: RedisConfig = RedisConfig()
     admin: AdminConfig = AdminConfig()
