@@ -133,17 +133,21 @@ def test_compose_runs_the_proxy_redis_prometheus_and_grafana_with_the_dashboard_
 VARIABLES = {"$policy": POLICY, "$model": MODEL, "$__rate_interval": "1m", "$__range": "5m"}
 
 
+def dashboard_targets() -> list[tuple[str, dict[str, str]]]:
+    """(panel title, target) for every query of the dashboard, as Grafana reads them."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return [(panel["title"], target) for panel in dashboard["panels"] for target in panel["targets"]]
+
+
 def dashboard_queries() -> list[tuple[str, str, set[str]]]:
     """(panel title, PromQL with variables set, the labels its legend shows) for every panel target."""
-    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     queries = []
-    for panel in dashboard["panels"]:
-        for target in panel["targets"]:
-            expr = target["expr"]
-            for name, value in VARIABLES.items():
-                expr = expr.replace(name, value)
-            legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target["legendFormat"]))
-            queries.append((panel["title"], expr, legend))
+    for title, target in dashboard_targets():
+        expr = target["expr"]
+        for name, value in VARIABLES.items():
+            expr = expr.replace(name, value)
+        legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target["legendFormat"]))
+        queries.append((title, expr, legend))
     return queries
 
 
@@ -411,3 +415,29 @@ async def test_every_dashboard_and_alert_query_returns_the_series_it_names(tmp_p
     loaded = {rule["name"]: rule for group in rules["groups"] for rule in group["rules"]}
     assert set(loaded) == {name for name, _, _ in alert_queries()}
     assert {rule["health"] for rule in loaded.values()} == {"ok"}
+
+
+# -- the README ----------------------------------------------------------------------------------------
+
+
+def readme_metrics_section() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## Metrics\n")
+    return readme[start : readme.index("\n## ", start)]
+
+
+def test_the_readme_lists_every_metric_panel_query_and_alert() -> None:
+    section = readme_metrics_section()
+    flat = " ".join(section.split())
+    names = {metric.name for metric in Metrics().registry.collect()}
+
+    assert len(names) == 11
+    for name in names:
+        suffix = "_total" if f"{name}_total" in flat else ""
+        assert f"| `{name}{suffix}` |" in flat, name
+    # The README shows the p50 of each histogram panel; its p99 differs only in the quantile.
+    for title, target in dashboard_targets():
+        p50 = target["expr"].replace("histogram_quantile(0.99,", "histogram_quantile(0.5,")
+        assert " ".join(p50.split()) in flat, title
+    for name, _, _ in alert_queries():
+        assert f"| `{name}` |" in flat, name
