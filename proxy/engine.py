@@ -118,6 +118,8 @@ class _Attempt:
     sent_chars: int = 0  # handed to the guard by take_unscored()
     scored_until: int = 0
     flagged: bool = False
+    starts_key: tuple[int, int] = (-1, -1)
+    starts: list[int] = field(default_factory=list)
 
 
 class StreamEngine:
@@ -149,12 +151,15 @@ class StreamEngine:
         a.sent_chars = a.received_chars
         return text
 
-    def unscored_tokens(self) -> int:
-        """How many guard tokens wait to be scored (the shell scores every `score_every_tokens`)."""
+    def scoring_due(self) -> bool:
+        """Whether `score_every_tokens` guard tokens wait to be scored."""
         a = self.attempt
         if a.sent_chars == a.received_chars:
-            return 0
-        return len(self.tokenizer.token_starts(self._held_text()[a.sent_chars - a.released_chars :]))
+            return False
+        if self.policy.score_every_tokens == 1:
+            return True  # any text at all: no need to count
+        pending = self._held_text()[a.sent_chars - a.released_chars :]
+        return len(self.tokenizer.token_starts(pending)) >= self.policy.score_every_tokens
 
     @property
     def fully_scored(self) -> bool:
@@ -212,13 +217,21 @@ class StreamEngine:
     def _held_text(self) -> str:
         return "".join(p.text for p in self.attempt.held)
 
+    def _held_starts(self, text: str) -> list[int]:
+        """Token starts of the held text, cached: a feed and the verdict after it ask the same."""
+        a = self.attempt
+        key = (a.released_chars, a.received_chars)
+        if a.starts_key != key:
+            a.starts_key, a.starts = key, self.tokenizer.token_starts(text)
+        return a.starts
+
     def _cut(self, text: str, head: int | None = None) -> int:
         """Offset in `text` before which everything is `holdback_tokens` behind the head: the end of
         `text`, or (on a reset) the end of the token at offset `head`, the first unsafe one."""
         k = self.policy.holdback_tokens
         if k == 0:
             return len(text) if head is None else head
-        starts = self.tokenizer.token_starts(text)
+        starts = self._held_starts(text)
         n = len(starts) if head is None else bisect.bisect_right(starts, head)
         return starts[n - k] if n > k else 0
 
@@ -227,6 +240,8 @@ class StreamEngine:
         a = self.attempt
         if not a.held:
             return []
+        if limit is None and a.released_chars + len(a.held[0].text) > a.scored_until:
+            return []  # the oldest piece is not judged yet: skip the tokenizing below
         text = self._held_text()
         if limit is None:
             limit = min(a.scored_until, a.released_chars + self._cut(text))
@@ -240,9 +255,8 @@ class StreamEngine:
             n += 1
             out.append(Release(piece))
         if n:
-            released_text = text[: end - a.released_chars]
+            a.released_tokens += bisect.bisect_left(self._held_starts(text), end - a.released_chars)
             a.held = a.held[n:]
-            a.released_tokens += len(self.tokenizer.token_starts(released_text))
             a.released_chars = end
         return out
 

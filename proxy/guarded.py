@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from proxy.engine import Flagged, Output, ResetEvent, State, StreamEngine
 from proxy.errors import GuardError
-from proxy.guards import Guard, GuardStream
+from proxy.guards import Guard, GuardStream, InlineStream
 from proxy.metrics import Metrics
 from proxy.policy import Action, Policy
 
@@ -28,6 +28,11 @@ class ChoiceRun:
     unguarded: bool = False
     upstream_reason: str | None = None  # the finish_reason the upstream gave, once it has
     upstream_rest: dict[str, object] = field(default_factory=dict)
+    # The same stream when it is cheap enough to judge inline (no task, no timeout); checked once.
+    inline: InlineStream | None = None
+
+    def __post_init__(self) -> None:
+        self.inline = self.guard if isinstance(self.guard, InlineStream) else None
 
     @property
     def done(self) -> bool:
@@ -63,13 +68,14 @@ class GuardedResponse:
         """A new attempt (regenerated, or the upstream's continuation) is read from its start."""
         run.guard.close()
         run.guard = self.guard.open(self.prompt)
+        run.inline = run.guard if isinstance(run.guard, InlineStream) else None
 
     async def score(self, run: ChoiceRun, *, final: bool = False) -> list[Output]:
         """Give the guard what it has not read; returns the engine's outputs for the verdicts."""
         out: list[Output] = []
         engine = run.engine
         while engine.state is State.STREAMING:
-            if not final and engine.unscored_tokens() < self.policy.score_every_tokens:
+            if not final and not engine.scoring_due():
                 break
             text = engine.take_unscored()
             if run.unguarded:
@@ -93,6 +99,8 @@ class GuardedResponse:
         return out
 
     async def _verdict(self, run: ChoiceRun, text: str, final: bool) -> list[Output]:
+        if run.inline is not None:
+            return run.engine.on_verdict(run.inline.feed_sync(text, final=final))
         started = time.perf_counter()
         try:
             verdict = await asyncio.wait_for(
@@ -109,7 +117,9 @@ class GuardedResponse:
 
     def _failed(self, run: ChoiceRun, kind: str) -> list[Output]:
         self.metrics.guard_failures.labels(self.labels.policy, kind, self.policy.fail_mode).inc()
-        log.warning("guard unavailable (%s); policy %s fails %s", kind, self.policy.name, self.policy.fail_mode)
+        log.warning(
+            "guard unavailable (%s); policy %s fails %s", kind, self.policy.name, self.policy.fail_mode
+        )
         run.unguarded = self.policy.fail_mode == "open"
         if run.unguarded:
             self.metrics.fail_open.labels(self.labels.policy).inc()
@@ -139,4 +149,3 @@ class GuardedResponse:
     def close(self) -> None:
         for run in self.runs.values():
             run.guard.close()
-

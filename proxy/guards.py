@@ -16,7 +16,7 @@ import asyncio
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from proxy.tokens import TokenCounter
 
@@ -48,6 +48,13 @@ class GuardStream(Protocol):
     def close(self) -> None:
         """Release what the stream holds (a KV cache, a queue slot). Idempotent."""
         ...
+
+
+@runtime_checkable
+class InlineStream(Protocol):
+    """A stream cheap enough to judge inline, without a task, a queue or a timeout."""
+
+    def feed_sync(self, text: str, *, final: bool = False) -> Verdict: ...
 
 
 class Guard(Protocol):
@@ -121,6 +128,9 @@ class PatternStream(_TextStream):
         self.judged = 0
 
     async def feed(self, text: str, *, final: bool = False) -> Verdict:
+        return self.feed_sync(text, final=final)
+
+    def feed_sync(self, text: str, *, final: bool = False) -> Verdict:
         self.text += text
         if self.done is None:
             # A trailing partial word is not judged yet: "kill" may still become "killjoy".
@@ -163,14 +173,23 @@ class CompositeStream:
         self.streams = streams
 
     async def feed(self, text: str, *, final: bool = False) -> Verdict:
-        if len(self.streams) == 1:
-            return await self.streams[0].feed(text, final=final)
         verdicts = await asyncio.gather(*(s.feed(text, final=final) for s in self.streams))
         return combine(verdicts)
 
     def close(self) -> None:
         for s in self.streams:
             s.close()
+
+
+class InlineCompositeStream(CompositeStream):
+    """All parts are inline: judge them one after the other, no tasks."""
+
+    def __init__(self, streams: list[GuardStream], inline: list[InlineStream]) -> None:
+        super().__init__(streams)
+        self.inline = inline
+
+    def feed_sync(self, text: str, *, final: bool = False) -> Verdict:
+        return combine([s.feed_sync(text, final=final) for s in self.inline])
 
 
 def combine(verdicts: Sequence[Verdict]) -> Verdict:
@@ -191,4 +210,8 @@ class CompositeGuard:
         self.tokenizer = next((g.tokenizer for g in guards if g.tokenizer is not None), None)
 
     def open(self, prompt: str | None) -> CompositeStream:
-        return CompositeStream([g.open(prompt) for g in self.guards])
+        streams = [g.open(prompt) for g in self.guards]
+        inline = [s for s in streams if isinstance(s, InlineStream)]
+        if len(inline) == len(streams):
+            return InlineCompositeStream(streams, inline)
+        return CompositeStream(streams)

@@ -220,14 +220,16 @@ def test_zero_text_pieces_keep_their_place_and_payload():
     ]
 
 
-def test_score_every_counts_unscored_tokens():
-    engine = StreamEngine(policy())
+def test_scoring_is_due_every_score_every_tokens():
+    engine = StreamEngine(policy(score_every_tokens=3))
     engine.feed(Piece("one two"))
-    assert engine.unscored_tokens() == 2
-    assert engine.take_unscored() == "one two"
-    assert engine.unscored_tokens() == 0
+    assert not engine.scoring_due()
     engine.feed(Piece(" three"))
-    assert engine.take_unscored() == " three"
+    assert engine.scoring_due()
+    assert engine.take_unscored() == "one two three"
+    assert not engine.scoring_due()
+    engine.feed(Piece(" four"))
+    assert engine.take_unscored() == " four"
 
 
 def test_finish_before_everything_is_judged_is_a_bug_in_the_caller():

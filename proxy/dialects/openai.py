@@ -147,7 +147,8 @@ class OpenAIEncoder:
         choice = copy.copy(piece.extra) if isinstance(piece.extra, dict) else {"index": index}
         choice["index"] = index
         if self.chat:
-            delta = dict(choice.get("delta") or {})
+            delta = choice.get("delta")
+            delta = dict(delta) if isinstance(delta, dict) else {}
             if piece.text or "content" in delta:
                 delta["content"] = piece.text
             choice["delta"] = delta
