@@ -272,7 +272,7 @@ async def test_an_upstream_failure_mid_stream_is_an_in_band_error_then_done(
     *_, last_error, done = data_lines(body)
     assert done == "[DONE]"
     assert json.loads(last_error)["error"].items() >= error.items()
-    # What the guard had not judged yet (the tail of the hold-back) is dropped, not flushed.
+    # Nothing the upstream sends after its failure is relayed.
     assert "friend" not in body
     with pytest.raises(openai.APIError):
         stream = await client.chat.completions.create(
@@ -328,6 +328,21 @@ async def test_a_regeneration_the_upstream_cannot_give_is_refused(harness: Harne
     assert completion.choices[0].message.content == POLICY["refusal_message"]
     assert completion.choices[0].finish_reason == "stop"
     await still_serves(client)
+
+
+async def test_text_still_held_back_when_the_upstream_fails_is_dropped_not_flushed(harness: Harness) -> None:
+    upstream = await harness.serve(misbehaving_upstream(), handler_cancellation=True)
+    config = {"upstream": {"read_timeout_seconds": 0.3}}
+    proxy = await harness.proxy(upstream, policy(holdback_tokens=24), config)
+
+    _, _, body = await post(harness, f"{proxy}{CHAT}", json=chat_request("stall after a chunk", stream=True))
+
+    assert "Hello" not in body
+    assert data_lines(body)[-2:] == [
+        '{"error":{"message":"upstream stopped sending (read timeout)","type":"upstream_error","param":null,'
+        '"code":null}}',
+        "[DONE]",
+    ]
 
 
 async def test_models_from_an_upstream_that_answers_html_is_a_502(harness: Harness) -> None:
