@@ -152,6 +152,7 @@ class OpenAIRelay:
         self.upstream_done = False
         self.role_sent: set[int] = set()  # choices whose role the client has; a regeneration repeats it
         self.response: web.StreamResponse | None = None  # once set, the client has the headers
+        self.identity: JSON = {}  # the id and created of the first attempt, kept by regenerated ones
 
     # -- streaming -----------------------------------------------------------------------------------
 
@@ -220,8 +221,11 @@ class OpenAIRelay:
                 self.guarded.restart_guard(run)
 
     async def _handle(self, decoder: OpenAIDecoder, events: list[Event]) -> bytes:
-        # Chunks we build copy the envelope of the upstream's latest one (id, model, created, ...).
-        self.template = decoder.template
+        # Chunks we build copy the envelope of the upstream's latest one (id, model, created, ...), but
+        # keep the first attempt's id and time: a regenerated answer is still the one response.
+        if not self.identity:
+            self.identity = {k: v for k, v in decoder.template.items() if k in ("id", "created")}
+        self.template = {**decoder.template, **self.identity}
         out = bytearray()
         touched: set[int] = set()
         for event in events:
@@ -238,7 +242,9 @@ class OpenAIRelay:
                 run.upstream_reason, run.upstream_rest = event.reason, event.choice
                 out += self._encode(event.index, await self.guarded.finish(run))
                 touched.discard(event.index)
-            elif isinstance(event, Usage | Passthrough):
+            elif isinstance(event, Usage):
+                out += data_line({**event.chunk, **self.identity})
+            elif isinstance(event, Passthrough):
                 out += data_line(event.chunk)
             elif isinstance(event, UpstreamFailure):
                 out += self._abandon(str(event.error.get("message", "upstream error")), event.error)

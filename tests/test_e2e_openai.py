@@ -189,6 +189,7 @@ async def test_regenerate_streamed_asks_again_with_the_safety_instruction(harnes
     assert events(chunks) == [
         WORDY_SHOWN, reset(len(WORDY_SHOWN)), WORDY_SAFE["response"], ("finish", "stop"),
     ]  # fmt: skip
+    assert len({(c.id, c.created) for c in chunks}) == 1  # one response, though two upstream answers
     stats = await replay_stats(upstream)
     assert stats["requests"] == 2
     assert stats["last_request"]["messages"] == [
