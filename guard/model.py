@@ -129,7 +129,8 @@ class GuardModel(nn.Module):
     def embed(self, ids: Tensor, types: Tensor, positions: Tensor) -> Tensor:
         # ids, types, positions: (B, T) -> (B, T, C)
         x = self.tok_emb(ids) + self.pos_emb(positions + self.cfg.position_offset) + self.type_emb(types)
-        return self.drop(self.ln_emb(x))
+        out: Tensor = self.drop(self.ln_emb(x))
+        return out
 
     def lower(self, ids: Tensor, types: Tensor) -> Tensor:
         """The frozen part, full causal pass: its output can be cached once for training."""
@@ -143,7 +144,8 @@ class GuardModel(nn.Module):
         """The trained part, from the frozen layers' output to per-token logits: (B, T, C) -> (B, T)."""
         for block in self.blocks[self.cfg.n_frozen_layers :]:
             x, _, _ = block(x, None)
-        return self.head(x).squeeze(-1)
+        logits: Tensor = self.head(x).squeeze(-1)
+        return logits
 
     def forward(self, ids: Tensor, types: Tensor) -> Tensor:
         """Full causal pass over right-padded sequences: (B, T) -> logits (B, T)."""
@@ -162,7 +164,8 @@ class GuardModel(nn.Module):
         for block, kv in zip(self.blocks, past, strict=True):
             x, k, v = block(x, mask, kv)
             new_kv.append((k, v))
-        return self.head(x).squeeze(-1), new_kv
+        logits: Tensor = self.head(x).squeeze(-1)
+        return logits, new_kv
 
     def trainable_state(self) -> dict[str, Tensor]:
         """What a guard checkpoint holds: the trained top layers and the head."""

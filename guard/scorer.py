@@ -240,6 +240,24 @@ class BatchScorer:
         return [logits[b, : len(it.take)].tolist() for b, it in enumerate(items)]
 
 
+class ResetRule:
+    """p = sigmoid(logit + bias); fires at the token that completes a run of k tokens with p >= threshold."""
+
+    def __init__(self, logit_bias: float, threshold: float, consecutive: int) -> None:
+        self.logit_bias = logit_bias
+        self.threshold = threshold
+        self.consecutive = consecutive
+        self.run = 0
+        self.max_p = 0.0
+        self.last_p = 0.0
+
+    def push(self, logit: float) -> bool:
+        self.last_p = _sigmoid(logit + self.logit_bias)
+        self.max_p = max(self.max_p, self.last_p)
+        self.run = self.run + 1 if self.last_p >= self.threshold else 0
+        return self.run >= self.consecutive
+
+
 class ModelStream:
     """One response attempt read by the guard model under one policy's reset rule."""
 
@@ -248,34 +266,26 @@ class ModelStream:
         self.scorer = guard.scorer
         self.state = self.scorer.open_state(prompt)
         self.tok = IncrementalTokenizer(self.scorer.tokenizer)
-        self.checked = 0  # response tokens whose logits the rule has looked at
-        self.run = 0  # consecutive tokens over threshold, ending at the last checked one
-        self.max_p = 0.0
+        self.rule = ResetRule(guard.logit_bias, guard.threshold, self.scorer.model.cfg.consecutive)
+        self.checked = 0  # response tokens whose logits the rule has read
         self.reset: Reset | None = None
 
     async def feed(self, text: str, *, final: bool = False) -> Verdict:
         if self.reset is not None:
             self.tok.text += text
-            return Verdict(len(self.tok.text), self.reset, self.max_p)
+            return Verdict(len(self.tok.text), self.reset, self.rule.max_p)
         ids, _ = self.tok.feed(text, final=final)
         if ids or len(self.state.logits) < len(self.state.response_ids):
             await self.scorer.score(self.state, ids)
-        self._apply_rule()
-        if self.reset is not None:
-            return Verdict(len(self.tok.text), self.reset, self.max_p)
-        return Verdict(self.tok.done_until, None, self.max_p)
-
-    def _apply_rule(self) -> None:
-        g, k = self.guard, self.scorer.model.cfg.consecutive
         logits = self.state.logits
         while self.checked < len(logits) and self.reset is None:
-            p = _sigmoid(logits[self.checked] + g.logit_bias)
-            self.max_p = max(self.max_p, p)
-            self.run = self.run + 1 if p >= g.threshold else 0
-            if self.run >= k:
-                first = self.checked - k + 1
-                self.reset = Reset(self.tok.starts[first], g.category, p, "model")
+            if self.rule.push(logits[self.checked]):
+                first = self.checked - self.rule.consecutive + 1
+                self.reset = Reset(self.tok.starts[first], self.guard.category, self.rule.last_p, "model")
             self.checked += 1
+        if self.reset is not None:
+            return Verdict(len(self.tok.text), self.reset, self.rule.max_p)
+        return Verdict(self.tok.done_until, None, self.rule.max_p)
 
     def close(self) -> None:
         self.scorer.close_state(self.state)

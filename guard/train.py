@@ -180,7 +180,7 @@ def train(config_path: Path, out: Path, export: Path | None = None) -> Path:
             batch = collate([examples[i] for i in idx], [cached[i] for i in idx], weights)
             loss, parts = loss_fn(model, batch, cfg["seq_loss_weight"])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(body + head, 1.0)
             opt.step()
             step += 1

@@ -1,0 +1,140 @@
+"""`backtrack bench guard`: throughput and verdict latency of the scorer, against re-scoring prefixes.
+
+For each number of concurrent streams, every stream feeds a response of `response_tokens` tokens in
+pieces of about `new_tokens` tokens and waits for each verdict before sending the next piece (as the
+proxy does). Reported: aggregate scored tokens/s, p50/p99 verdict latency, and the same workload done
+naively (each step re-reads prompt + whole prefix, batched across streams, no cache). The model's FLOPs
+per token and this CPU's measured matmul FLOP/s give the fraction of the roofline reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from guard.scorer import BatchScorer, load_scorer
+
+PROMPT = "Can you explain how a bread recipe works, step by step, for a beginner baker at home?"
+TEXT = (
+    "Sure. Start by mixing flour, water, salt and yeast in a large bowl until a shaggy dough forms. "
+    "Knead it for about ten minutes, until it is smooth and springs back when you press it. Cover the "
+    "bowl and let the dough rise somewhere warm for an hour or two, until it has doubled in size. Shape "
+    "it into a loaf, let it rise again, then bake it in a hot oven until the crust is deep brown. "
+)
+
+
+def matmul_flops(threads: int, seconds: float = 1.5) -> float:
+    """Sustained fp32 FLOP/s of a (512 x 384) @ (384 x 1536) matmul, the guard's typical shape."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(512, 384), torch.randn(384, 1536)
+    for _ in range(5):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * 512 * 384 * 1536 * n / (time.perf_counter() - start)
+
+
+def pieces(scorer: BatchScorer, n_tokens: int, new_tokens: int) -> list[str]:
+    """The bench response cut into word-aligned pieces of about `new_tokens` tokens."""
+    text = TEXT * (1 + n_tokens // 60)
+    ids, starts = scorer.tokenizer.encode(text)
+    cuts = [starts[i] for i in range(0, min(n_tokens, len(ids)), new_tokens)] + [
+        starts[min(n_tokens, len(ids) - 1)]
+    ]
+    return [text[a:b] for a, b in itertools.pairwise(cuts)]
+
+
+async def incremental(scorer: BatchScorer, n_streams: int, parts: list[str]) -> dict[str, float]:
+    guard = scorer.guard(-1e9, 0.5)  # never resets: the whole response is scored
+    latencies: list[float] = []
+    scored = 0
+
+    async def one() -> None:
+        nonlocal scored
+        s = guard.open(PROMPT)
+        for i, part in enumerate(parts):
+            t = time.perf_counter()
+            await s.feed(part, final=i == len(parts) - 1)
+            latencies.append(time.perf_counter() - t)
+        scored += len(s.state.logits)
+        s.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(n_streams)))
+    wall = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "tokens_per_s": scored / wall,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+    }
+
+
+@torch.no_grad()
+def rescoring(scorer: BatchScorer, n_streams: int, parts: list[str]) -> dict[str, float]:
+    """The same workload, each step re-reading prompt + the whole prefix (all streams in one batch)."""
+    head = scorer.tokenizer.prompt_ids(PROMPT, scorer.model.cfg.max_prompt_tokens)
+    scored, text = 0, ""
+    start = time.perf_counter()
+    for part in parts:
+        text += part
+        ids = head + scorer.tokenizer.encode(text)[0]
+        batch = torch.tensor([ids] * n_streams)
+        types = torch.tensor([[0] * len(head) + [1] * (len(ids) - len(head))] * n_streams)
+        scorer.model(batch, types)
+        scored = n_streams * (len(ids) - len(head))
+    return {"tokens_per_s": scored / (time.perf_counter() - start)}
+
+
+def run_bench(
+    checkpoint: Path | None, streams: list[int], new_tokens: int, response_tokens: int, threads: int
+) -> dict[str, Any]:
+    scorer = load_scorer(checkpoint, threads=threads)
+    torch.set_num_threads(threads)
+    parts = pieces(scorer, response_tokens, new_tokens)
+    peak = matmul_flops(threads)
+    context = scorer.model.cfg.max_prompt_tokens // 2 + response_tokens // 2
+    flops = scorer.model.flops_per_token(context)
+    print(f"model: {flops / 1e6:.1f} MFLOP/token at context {context}; CPU matmul: {peak / 1e9:.1f} GFLOP/s")
+    head = ["streams", "tok/s", "p50 ms", "p99 ms", "roofline", "rescore tok/s", "speedup"]
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, [8, 9, 8, 8, 9, 14, 8], strict=True)))
+    rows = []
+    for n in streams:
+
+        async def go(n: int = n) -> dict[str, float]:
+            await scorer.start()
+            try:
+                return await incremental(scorer, n, parts)
+            finally:
+                await scorer.stop()
+
+        inc = asyncio.run(go())
+        naive = rescoring(scorer, n, parts)
+        row = {
+            "streams": n,
+            **inc,
+            "roofline": inc["tokens_per_s"] * flops / peak,
+            "rescore_tokens_per_s": naive["tokens_per_s"],
+            "speedup": inc["tokens_per_s"] / naive["tokens_per_s"],
+        }
+        rows.append(row)
+        print(
+            f"{n:>8} {row['tokens_per_s']:>9.0f} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} "
+            f"{row['roofline']:>9.1%} {row['rescore_tokens_per_s']:>14.0f} {row['speedup']:>7.1f}x"
+        )
+    return {
+        "flops_per_token": flops,
+        "matmul_flops": peak,
+        "threads": threads,
+        "new_tokens": new_tokens,
+        "response_tokens": response_tokens,
+        "rows": rows,
+    }

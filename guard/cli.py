@@ -1,0 +1,110 @@
+"""`backtrack train`, `backtrack eval` and `backtrack bench guard`, for the proxy's CLI to register.
+
+torch and transformers are imported inside the commands, so that `backtrack serve` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def register(subparsers: Any) -> None:
+    """Add `train` and `eval` to an argparse subparsers object."""
+    p = subparsers.add_parser("train", help="train the guard model (resumable)")
+    p.add_argument("--config", type=Path, default=PACKAGE / "train.yaml", help="training YAML")
+    p.add_argument("--out", type=Path, default=Path("/tmp/backtrack-guard-run"), help="run folder (resumes)")
+    p.add_argument("--export", type=Path, default=None, help="write the final checkpoint here too")
+    p.set_defaults(func=_train)
+
+    p = subparsers.add_parser("eval", help="stream labelled responses through the guard and measure it")
+    p.add_argument("--data", type=Path, nargs="+", required=True, help="JSONL files in the shared schema")
+    p.add_argument("--scores", type=Path, required=True, help="per-row output JSONL")
+    p.add_argument("--report", type=Path, default=None, help="folder for PNG plots")
+    p.add_argument(
+        "--policy", default=None, help="policy YAML path or name in policies/ (default: checkpoint's)"
+    )
+    p.add_argument("--checkpoint", type=Path, default=None, help="guard checkpoint folder (default: bundled)")
+    p.add_argument("--base", default=None, help="base model folder or package (default: the checkpoint's)")
+    p.add_argument("--limit", type=int, default=None, help="first N rows of each file")
+    p.add_argument("--piece-tokens", type=int, default=16, help="approximate tokens per streamed piece")
+    p.add_argument("--concurrency", type=int, default=32, help="rows streamed at once")
+    p.set_defaults(func=_eval)
+
+
+def register_bench(bench_subparsers: Any) -> None:
+    """Add `guard` under `backtrack bench`."""
+    p = bench_subparsers.add_parser("guard", help="guard throughput and latency, incremental vs re-scoring")
+    p.add_argument("--checkpoint", type=Path, default=None, help="guard checkpoint folder (default: bundled)")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--new-tokens", type=int, default=8, help="tokens per stream per feed")
+    p.add_argument("--response-tokens", type=int, default=128, help="tokens per stream in total")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.set_defaults(func=_bench)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from guard.train import train
+
+    train(args.config, args.out, args.export)
+    return 0
+
+
+def resolve_policy(name_or_path: str) -> Path:
+    """A YAML path as given, else `policies/NAME.yaml` in the working directory or the repository."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        return path
+    for root in (Path.cwd(), PACKAGE.parent):
+        candidate = root / "policies" / f"{name_or_path}.yaml"
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"policy {name_or_path!r}: no such file and no policies/{name_or_path}.yaml")
+
+
+def operating_point(checkpoint: Path | None, policy: str | None) -> tuple[float, float]:
+    """(logit_bias, threshold) from the policy, else the checkpoint's recommended operating point."""
+    if policy is not None:
+        from proxy.policy import load_policy
+
+        p = load_policy(resolve_policy(policy))
+        return p.logit_bias, p.threshold
+    from guard.scorer import BUNDLED
+
+    meta = json.loads(((checkpoint or BUNDLED) / "guard.json").read_text(encoding="utf-8"))
+    op = meta.get("operating_point", {})
+    return float(op.get("logit_bias", 0.0)), float(op.get("threshold", 0.5))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from guard.evaluate import run_eval
+    from guard.scorer import load_scorer
+
+    bias, threshold = operating_point(args.checkpoint, args.policy)
+    scorer = load_scorer(args.checkpoint, args.base)
+    run_eval(
+        scorer,
+        args.data,
+        args.scores,
+        bias,
+        threshold,
+        report=args.report,
+        piece_tokens=args.piece_tokens,
+        concurrency=args.concurrency,
+        limit=args.limit,
+    )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from guard.bench import run_bench
+
+    results = run_bench(args.checkpoint, args.streams, args.new_tokens, args.response_tokens, args.threads)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0

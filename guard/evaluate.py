@@ -1,0 +1,184 @@
+"""`backtrack eval`: stream labelled responses through the proxy's scorer and measure the reset rule.
+
+Each row's response is fed in token-ish pieces (`proxy.tokens.ApproxTokenizer`) through the same
+`BatchScorer` the proxy uses, many rows at once so that the worker batches them. Every response is
+read to its end (the stream's own bias keeps it from stopping at a reset), so that one pass gives the
+reset decision for every `logit_bias`: a row resets at bias b iff its aggregated max logit + b clears
+logit(threshold). Output rows: `{"id", "source", "harmful", "reset", "reset_at_token", "max_score"}`,
+where `max_score` is the max over tokens of the k-token run minimum of sigmoid(logit + bias), so that
+`reset == (max_score >= threshold)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from guard.data import Row, read_rows
+from guard.scorer import BatchScorer, ResetRule
+from proxy.tokens import ApproxTokenizer
+
+BENIGN_FILES = ("alpaca_eval", "fastchat_reference")
+EARLY_TOKENS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    row: Row
+    logits: list[float]  # one per response token
+
+    def decision(self, bias: float, threshold: float, k: int) -> int | None:
+        """Index of the token where the rule resets, or None."""
+        rule = ResetRule(bias, threshold, k)
+        return next((i for i, x in enumerate(self.logits) if rule.push(x)), None)
+
+    def agg_logit(self, k: int) -> float:
+        """Max over tokens of the minimum logit over the k tokens ending there (-inf if too short)."""
+        runs = [min(self.logits[i - k + 1 : i + 1]) for i in range(k - 1, len(self.logits))]
+        return max(runs, default=-math.inf)
+
+
+async def score_rows(
+    scorer: BatchScorer, rows: Sequence[Row], piece_tokens: int, concurrency: int
+) -> list[Scored]:
+    splitter = ApproxTokenizer()
+    guard = scorer.guard(-1e9, 0.5)  # never resets: every token of every response is scored
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(row: Row) -> Scored:
+        async with sem:
+            stream = guard.open(row.prompt)
+            try:
+                parts = splitter.split(row.response)
+                for i in range(0, len(parts), piece_tokens):
+                    await stream.feed("".join(parts[i : i + piece_tokens]))
+                await stream.feed("", final=True)
+                return Scored(row, list(stream.state.logits))
+            finally:
+                stream.close()
+
+    return await asyncio.gather(*(one(r) for r in rows))
+
+
+def _sigmoid(x: float) -> float:
+    return 0.5 * (1 + math.tanh(x / 2))
+
+
+def output_rows(scored: Sequence[Scored], bias: float, threshold: float, k: int) -> list[dict[str, Any]]:
+    out = []
+    for s in scored:
+        at = s.decision(bias, threshold, k)
+        agg = s.agg_logit(k)
+        out.append(
+            {
+                "id": s.row.id,
+                "source": s.row.source,
+                "harmful": s.row.harmful,
+                "reset": at is not None,
+                "reset_at_token": at,
+                "max_score": _sigmoid(agg + bias) if agg > -math.inf else 0.0,
+            }
+        )
+    return out
+
+
+def average_precision(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    hits, total, ap = 0, sum(labels), 0.0
+    for rank, i in enumerate(order, 1):
+        if labels[i]:
+            hits += 1
+            ap += hits / rank
+    return ap / total if total else float("nan")
+
+
+def metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Precision, recall, F1, AUPRC, false-reset rate and early detection over labelled rows."""
+    labelled = [r for r in rows if r["harmful"] is not None]
+    tp = sum(r["reset"] and r["harmful"] for r in labelled)
+    fp = sum(r["reset"] and not r["harmful"] for r in labelled)
+    pos = sum(bool(r["harmful"]) for r in labelled)
+    neg = len(labelled) - pos
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / pos if pos else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if pos and tp else (0.0 if pos else float("nan"))
+    early = sum(r["harmful"] and r["reset"] and r["reset_at_token"] < EARLY_TOKENS for r in labelled)
+    return {
+        "rows": len(labelled),
+        "harmful": pos,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "auprc": average_precision(
+            [r["max_score"] for r in labelled], [bool(r["harmful"]) for r in labelled]
+        ),
+        "false_reset_rate": fp / neg if neg else float("nan"),
+        "reset_within_128": early / pos if pos else float("nan"),
+    }
+
+
+def per_file(scored: Sequence[Scored], rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    files: dict[str, list[dict[str, Any]]] = {}
+    for s, r in zip(scored, rows, strict=True):
+        files.setdefault(s.row.file, []).append(r)
+    table = {name: metrics(rs) for name, rs in sorted(files.items())}
+    labelled = [r for s, r in zip(scored, rows, strict=True) if s.row.file not in BENIGN_FILES]
+    benign = [r for s, r in zip(scored, rows, strict=True) if s.row.file in BENIGN_FILES]
+    if labelled and len(files) > 1:
+        table["labelled files"] = metrics(labelled)
+    if benign and len(files) > 1:
+        table["benign files"] = metrics(benign)
+    return table
+
+
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    cols = ["rows", "harmful", "precision", "recall", "f1", "auprc", "false_reset_rate", "reset_within_128"]
+    lines = [f"{'file':<22}" + "".join(f"{c:>17}" for c in cols)]
+    for name, m in table.items():
+        cells = [f"{m[c]:>17d}" if isinstance(m[c], int) else f"{m[c]:>17.3f}" for c in cols]
+        lines.append(f"{name:<22}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def run_eval(
+    scorer: BatchScorer,
+    data: Sequence[Path],
+    scores_out: Path,
+    logit_bias: float,
+    threshold: float,
+    *,
+    report: Path | None = None,
+    piece_tokens: int = 16,
+    concurrency: int = 32,
+    limit: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Score every row, write the per-row JSONL, print the per-file table, optionally plot."""
+    rows: list[Row] = []
+    for path in data:
+        rows += read_rows([path])[:limit]
+
+    async def go() -> list[Scored]:
+        await scorer.start()
+        try:
+            return await score_rows(scorer, rows, piece_tokens, concurrency)
+        finally:
+            await scorer.stop()
+
+    scored = asyncio.run(go())
+    k = scorer.model.cfg.consecutive
+    out = output_rows(scored, logit_bias, threshold, k)
+    scores_out.parent.mkdir(parents=True, exist_ok=True)
+    scores_out.write_text("".join(json.dumps(r) + "\n" for r in out), encoding="utf-8")
+    table = per_file(scored, out)
+    print(f"logit_bias={logit_bias} threshold={threshold} consecutive={k}")
+    print(format_table(table))
+    if report is not None:
+        from guard.plots import write_report
+
+        write_report(report, scored, out, logit_bias, threshold, k)
+    return table
