@@ -20,9 +20,15 @@ BEFORE_MARKER, AFTER_MARKER = MARKED["response"].split("[RESET]")
 WORDY_SHOWN = "Explosives are chemicals."
 
 
-def reset(retract_chars: int, category: str = "weapons", score: float = 1.0) -> dict[str, Any]:
-    return {"event": "reset", "retract_chars": retract_chars, "category": category, "policy": "test",
-            "score": score}  # fmt: skip
+def reset(retract_chars: int, category: str = "weapons") -> dict[str, Any]:
+    """The `backtrack` object a reset by the test policy carries (its detectors all score 1.0)."""
+    return {
+        "event": "reset",
+        "retract_chars": retract_chars,
+        "category": category,
+        "policy": "test",
+        "score": 1.0,
+    }
 
 
 def events(chunks: list[ChatCompletionChunk] | list[Completion]) -> list[Any]:
@@ -56,9 +62,9 @@ async def ask_chat(client: openai.AsyncOpenAI, prompt: str, **kwargs: Any) -> An
     )
 
 
-async def proxy_client(harness: Harness, policy: dict[str, Any] | None = None, rows: Any = None) -> tuple[
-    openai.AsyncOpenAI, str
-]:  # fmt: skip
+async def proxy_client(
+    harness: Harness, policy: dict[str, Any] | None = None, rows: Any = None
+) -> tuple[openai.AsyncOpenAI, str]:
     """A client of a proxy in front of a fresh replay upstream; and the upstream's root."""
     upstream = await harness.replay(rows)
     proxy = await harness.proxy(upstream, policy)
@@ -187,8 +193,11 @@ async def test_regenerate_streamed_asks_again_with_the_safety_instruction(harnes
     chunks = await stream_chat(client, WORDY["prompt"])
 
     assert events(chunks) == [
-        WORDY_SHOWN, reset(len(WORDY_SHOWN)), WORDY_SAFE["response"], ("finish", "stop"),
-    ]  # fmt: skip
+        WORDY_SHOWN,
+        reset(len(WORDY_SHOWN)),
+        WORDY_SAFE["response"],
+        ("finish", "stop"),
+    ]
     assert len({(c.id, c.created) for c in chunks}) == 1  # one response, though two upstream answers
     stats = await replay_stats(upstream)
     assert stats["requests"] == 2
@@ -247,8 +256,12 @@ async def test_regenerate_streamed_refuses_once_max_resets_is_spent(harness: Har
     chunks = await stream_chat(client, WORDY["prompt"])
 
     assert events(chunks) == [
-        WORDY_SHOWN, reset(len(WORDY_SHOWN)), reset(0), REFUSAL, ("finish", "stop"),
-    ]  # fmt: skip
+        WORDY_SHOWN,
+        reset(len(WORDY_SHOWN)),  # the first answer is withdrawn and asked for again
+        reset(0),  # the second one is unsafe too, and max_resets is spent
+        REFUSAL,
+        ("finish", "stop"),
+    ]
     assert (await replay_stats(upstream))["requests"] == 2
 
 
@@ -286,10 +299,8 @@ async def test_flag_lets_the_text_through_and_counts_it(harness: Harness) -> Non
     session = await harness.session()
     async with session.get(f"{proxy}/metrics") as resp:
         metrics = await resp.text()
-    flagged = [
-        line for line in metrics.splitlines()
-        if line.startswith("backtrack_resets_total{") and 'action="flag"' in line
-    ]  # fmt: skip
+    resets = [line for line in metrics.splitlines() if line.startswith("backtrack_resets_total{")]
+    flagged = [line for line in resets if 'action="flag"' in line]
     assert len(flagged) == 1
     assert 'category="weapons"' in flagged[0]
     assert flagged[0].endswith(" 2.0")
