@@ -26,7 +26,8 @@ RELOAD_RESULTS = ("ok", "error")
 # ones that the answer drifted; the bounds double up to the longest answers.
 RESET_POSITION_BUCKETS = (0, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # A verdict takes about a millisecond on a GPU, tens on a CPU; the top bounds reach the policies' guard
-# timeouts (1-2 s by default), past which a verdict counts as a guard failure instead.
+# timeouts (1-2 s by default), past which a verdict counts as a guard failure instead. Detectors judged
+# inline (the marker, patterns) take microseconds and are not timed.
 GUARD_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 # A hold-back of 8-40 tokens at 10-100 tokens/s from the upstream: about 0.1 s to 4 s; a hold-back of
 # 0 shows the guard's latency alone.
@@ -53,7 +54,7 @@ class Metrics:
             ["policy"], buckets=RESET_POSITION_BUCKETS, registry=r,
         )  # fmt: skip
         self.guard_latency = Histogram(
-            "backtrack_guard_latency_seconds", "Time from handing text to the guard to its verdict",
+            "backtrack_guard_latency_seconds", "Time from handing text to an awaited guard to its verdict",
             ["policy"], buckets=GUARD_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.holdback_delay = Histogram(

@@ -26,7 +26,7 @@ from proxy.config import load_settings
 from proxy.engine import Piece
 from proxy.errors import GuardOverloaded
 from proxy.guarded import GuardedResponse, Labels
-from proxy.guards import PatternGuard, Verdict
+from proxy.guards import Guard, GuardStream, PatternGuard, Verdict
 from proxy.metrics import MAX_MODELS, MULTIPROC_ENV, Metrics
 from proxy.policy import Policy
 from proxy.replay import Row, create_replay_app
@@ -72,6 +72,30 @@ def bomb_guard() -> PatternGuard:
     return PatternGuard([], [("bomb", "weapons")])
 
 
+class AwaitedStream:
+    """A detector's stream behind an awaited `feed` only, as the guard model's scorer answers."""
+
+    def __init__(self, inner: GuardStream) -> None:
+        self.inner = inner
+
+    async def feed(self, text: str, *, final: bool = False) -> Verdict:
+        return await self.inner.feed(text, final=final)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class AwaitedGuard:
+    name = "awaited"
+    tokenizer = None
+
+    def __init__(self, inner: Guard) -> None:
+        self.inner = inner
+
+    def open(self, prompt: str | None) -> AwaitedStream:
+        return AwaitedStream(self.inner.open(prompt))
+
+
 async def guard_pieces(guarded: GuardedResponse, text: str) -> None:
     """What the relay does with one choice: feed token-sized pieces, score after each, finish."""
     run = guarded.run(0)
@@ -115,15 +139,24 @@ async def test_the_reset_position_is_observed_in_guard_tokens() -> None:
     assert value(metrics, "backtrack_reset_position_tokens_bucket", policy="p", le="8.0") == 1
 
 
-async def test_guard_latency_is_observed_once_per_verdict() -> None:
+async def test_guard_latency_is_observed_once_per_awaited_verdict() -> None:
     metrics = Metrics()
     policy = Policy(name="p", holdback_tokens=2, score_every_tokens=1)
-    guarded = GuardedResponse(policy, bomb_guard(), None, metrics, LABELS)
+    guarded = GuardedResponse(policy, AwaitedGuard(bomb_guard()), None, metrics, LABELS)
 
     await guard_pieces(guarded, "A calm and safe answer.")
 
     # Six pieces ("A", " calm", ..., ".") scored one by one, then the final judgement.
     assert value(metrics, "backtrack_guard_latency_seconds_count", policy="p") == 7
+
+
+async def test_detectors_judged_inline_are_not_timed() -> None:
+    metrics = Metrics()
+    guarded = GuardedResponse(Policy(name="p", holdback_tokens=2), bomb_guard(), None, metrics, LABELS)
+
+    await guard_pieces(guarded, "A calm and safe answer.")
+
+    assert value(metrics, "backtrack_guard_latency_seconds_count", policy="p") is None
 
 
 async def test_a_guard_failure_is_counted_with_its_kind_and_the_fail_mode() -> None:

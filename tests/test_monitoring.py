@@ -173,6 +173,26 @@ def test_every_panel_and_alert_names_the_labels_it_groups_by() -> None:
         assert labels == grouped - {"le"}, name
 
 
+def test_the_dashboard_filters_by_policy_and_model_on_a_chosen_prometheus() -> None:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["policy"]["definition"] == "label_values(backtrack_streams_total, policy)"
+    assert (
+        variables["model"]["definition"] == 'label_values(backtrack_streams_total{policy=~"$policy"}, model)'
+    )
+    assert variables["policy"]["allValue"] == variables["model"]["allValue"] == ".*"
+    panels = dashboard["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    targets = [target for _, target in dashboard_targets()]
+    assert all(t["datasource"] == {"type": "prometheus", "uid": "${datasource}"} for t in targets)
+    # Every panel over resets or streams follows both variables.
+    for title, target in dashboard_targets():
+        if "backtrack_resets_total" in target["expr"] or "backtrack_streams_total" in target["expr"]:
+            assert 'policy=~"$policy", model=~"$model"' in target["expr"], title
+
+
 # -- a real Prometheus scraping a real proxy ----------------------------------------------------------
 
 
@@ -184,8 +204,22 @@ class FailingStream:
         pass
 
 
+class AwaitedStream:
+    """A detector's stream behind an awaited `feed` only, as the guard model's scorer answers."""
+
+    def __init__(self, inner: GuardStream) -> None:
+        self.inner = inner
+
+    async def feed(self, text: str, *, final: bool = False) -> Verdict:
+        return await self.inner.feed(text, final=final)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class FlakyGuard:
-    """The policy's own guard, except that for one prompt it is overloaded, as a busy scorer would be."""
+    """The policy's detectors answering as the guard model's scorer does (awaited, timed), except that
+    for one prompt the scorer is overloaded."""
 
     def __init__(self, inner: Guard, failing_prompt: str) -> None:
         self.inner = inner
@@ -194,7 +228,9 @@ class FlakyGuard:
         self.failing_prompt = failing_prompt
 
     def open(self, prompt: str | None) -> GuardStream:
-        return FailingStream() if prompt == self.failing_prompt else self.inner.open(prompt)
+        if prompt == self.failing_prompt:
+            return FailingStream()
+        return AwaitedStream(self.inner.open(prompt))
 
 
 async def flaky_guard(app: web.Application) -> AsyncIterator[None]:
