@@ -12,49 +12,28 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
 from typing import Any
 
+from proxy.dialects.base import (
+    JSON,
+    ChoiceFinish,
+    ChoicePiece,
+    Done,
+    Event,
+    Passthrough,
+    UpstreamFailure,
+    Usage,
+    reset_object,
+)
 from proxy.dialects.sse import SSEDecoder, encode_sse
 from proxy.engine import Piece, ResetEvent
 
-JSON = dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class ChoicePiece:
-    index: int
-    piece: Piece  # piece.extra is the upstream's choice object; its text field is replaced on encode
-
-
-@dataclass(frozen=True, slots=True)
-class ChoiceFinish:
-    index: int
-    reason: str | None
-    choice: JSON  # the rest of the finishing choice (logprobs, stop_reason, ...) passed through
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    chunk: JSON
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamFailure:
-    error: JSON  # the upstream's in-band error object, or one describing a malformed stream
-
-
-@dataclass(frozen=True, slots=True)
-class Passthrough:
-    chunk: JSON
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    pass
-
-
-Event = ChoicePiece | ChoiceFinish | Usage | UpstreamFailure | Passthrough | Done
+# The neutral events are re-exported: they were born here, and callers import them from here.
+__all__ = [
+    "DONE", "ChoiceFinish", "ChoicePiece", "Done", "Event", "OpenAIDecoder", "OpenAIEncoder", "Passthrough",
+    "UpstreamFailure", "Usage", "data_line", "error_object", "in_band_error", "reset_object", "response_text",
+    "set_response_text",
+]  # fmt: skip
 
 
 class OpenAIDecoder:
@@ -174,17 +153,6 @@ class OpenAIEncoder:
 
     def _chunk(self, template: JSON, choices: list[JSON], **extra: Any) -> bytes:
         return data_line({**template, "choices": choices, **extra})
-
-
-def reset_object(event: ResetEvent) -> JSON:
-    """The `backtrack` object of DESIGN.md's reset contract."""
-    return {
-        "event": "reset",
-        "retract_chars": event.retract_chars,
-        "category": event.category,
-        "policy": event.policy,
-        "score": round(event.score, 4),
-    }
 
 
 def data_line(obj: JSON) -> bytes:

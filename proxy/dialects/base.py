@@ -1,0 +1,172 @@
+"""What every dialect provides: the neutral events its decoder yields and the interfaces the relay drives.
+
+A dialect module (`openai`, `anthropic`, `ollama`) is sans-IO. It parses the client's request into a
+`DialectRequest` (the prompt and any client-supplied assistant prefill for the guard, and the bodies to
+send upstream for a first try, a regeneration or an injected `[RESET]`), and gives a `Codec` per
+streamed response: upstream bytes in, neutral `Event`s out; engine outputs in, the client's bytes out.
+Everything the proxy does not read rides along untouched in `Piece.extra`, `ChoiceFinish.choice` or
+`Passthrough.chunk`, so that the encoder can rebuild the upstream's own messages around released text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from proxy.engine import Piece, ResetEvent
+
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ChoicePiece:
+    index: int
+    piece: Piece  # piece.extra is the upstream's message for this delta; its text is replaced on encode
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceFinish:
+    index: int
+    reason: str | None
+    choice: JSON  # the rest of the finishing message (logprobs, counters, usage, ...) passed through
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    chunk: JSON
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailure:
+    error: JSON  # the upstream's in-band error object, or one describing a malformed stream
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    chunk: JSON  # a message the proxy does not judge (a ping, an unknown chunk): sent on as it came
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    pass
+
+
+Event = ChoicePiece | ChoiceFinish | Usage | UpstreamFailure | Passthrough | Done
+
+
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    """`Piece.extra` of the client's own assistant text: the guard reads it, the client is not sent it."""
+
+
+PREFILL = Prefill()
+
+
+class Codec(Protocol):
+    """One streamed response in one dialect: decodes upstream attempts, encodes what the client gets."""
+
+    media_type: str  # of the upstream's stream and of the client's
+
+    def begin_attempt(self) -> None:
+        """A new upstream response (the first, or a regenerated one) starts: decode it afresh."""
+
+    def feed(self, data: bytes) -> list[Event]: ...
+
+    def flush(self) -> list[Event]: ...
+
+    def piece(self, index: int, piece: Piece) -> bytes:
+        """Released text (and what rode with it) of choice `index`."""
+
+    def reset(self, index: int, event: ResetEvent) -> bytes: ...
+
+    def finish(self, index: int, reason: str | None, rest: JSON | None) -> bytes:
+        """Choice `index` ends with the engine's `reason`; `rest` is the upstream's finishing message
+        when the reason is the upstream's own."""
+
+    def passthrough(self, event: Usage | Passthrough) -> bytes: ...
+
+    def error(self, message: str, kind: str, upstream: JSON | None = None) -> bytes:
+        """An in-band error that ends the stream (the headers are gone; no status can change)."""
+
+    def end(self) -> bytes:
+        """Every choice has finished: close the stream the dialect's way."""
+
+
+class DialectRequest(Protocol):
+    """A client's request as the relay needs it; the body goes upstream untouched on the first try."""
+
+    body: JSON
+    stream: bool
+    model: str
+    n: int
+
+    @property
+    def prompt(self) -> str | None:
+        """The text the guard reads before the response (the last user message)."""
+
+    @property
+    def prefill(self) -> str:
+        """Client-supplied assistant text the upstream continues: the start of the response."""
+
+    def regenerate_body(self, instruction: str) -> JSON:
+        """The request to ask again with the policy's safety instruction, one answer, no prefill."""
+
+    def inject_body(self, prefix: str) -> JSON | None:
+        """The request that hands `prefix` (ending in `[RESET]`) to the upstream as the start of its
+        answer; None where the dialect has no prefill (the relay regenerates instead)."""
+
+    def codec(self) -> Codec: ...
+
+    def answer_choices(self, answer: Any) -> list[tuple[int, str, str | None]]:
+        """(index, text, finish reason) of each choice of a non-streamed answer. Raises ValueError
+        when the answer is not one."""
+
+    def set_answer_choice(self, answer: JSON, index: int, text: str | None, reason: str | None) -> None:
+        """Write the guarded text (None: unchanged) and the engine's finish reason into the answer."""
+
+
+def message_text(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def last_text(messages: list[Any], role: str) -> str | None:
+    """The text of the last message with `role`, or None."""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == role:
+            return message_text(message.get("content"))
+    return None
+
+
+def trailing_assistant(messages: list[Any]) -> str:
+    """The text of a final assistant message, which the upstream continues; "" if the last is not one."""
+    last = messages[-1] if messages else None
+    if isinstance(last, dict) and last.get("role") == "assistant":
+        return message_text(last.get("content"))
+    return ""
+
+
+def without_trailing_assistant(messages: list[Any]) -> list[Any]:
+    """The messages without a final assistant prefill (a regeneration must not continue the attack)."""
+    last = messages[-1] if messages else None
+    return messages[:-1] if isinstance(last, dict) and last.get("role") == "assistant" else list(messages)
+
+
+def reset_object(event: ResetEvent) -> JSON:
+    """The `backtrack` object of DESIGN.md's reset contract."""
+    return {
+        "event": "reset",
+        "retract_chars": event.retract_chars,
+        "category": event.category,
+        "policy": event.policy,
+        "score": round(event.score, 4),
+    }
+
+
+def backtrack_summary(resets: list[JSON]) -> JSON:
+    """The `backtrack` object of a non-streamed answer: its one reset, or all of them."""
+    return resets[0] if len(resets) == 1 else {"event": "resets", "resets": resets}
