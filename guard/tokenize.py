@@ -16,20 +16,13 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 
-class GuardTokenizer:
-    """Word pieces with character offsets; also the `TokenCounter` the proxy's hold-back counts with."""
+class TextTokenizer:
+    """A folder's `tokenizer.json` with character offsets; also a `TokenCounter` for the hold-back."""
 
     def __init__(self, folder: Path) -> None:
         self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tok.no_truncation()
         self.tok.no_padding()
-        special = _special_tokens(folder)
-        cls_id = self.tok.token_to_id(special.get("cls_token", "[CLS]"))
-        sep_id = self.tok.token_to_id(special.get("sep_token", "[SEP]"))
-        if cls_id is None or sep_id is None:
-            raise ValueError(f"{folder}: tokenizer has no cls/sep token")
-        self.cls_id: int = cls_id
-        self.sep_id: int = sep_id
 
     def encode(self, text: str) -> tuple[list[int], list[int]]:
         """Token ids of `text` and the character offset where each starts."""
@@ -38,6 +31,20 @@ class GuardTokenizer:
 
     def token_starts(self, text: str) -> list[int]:
         return self.encode(text)[1]
+
+
+class GuardTokenizer(TextTokenizer):
+    """A BERT-family tokenizer: the guard's input is `[CLS] prompt [SEP] response`."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        special = _special_tokens(folder)
+        cls_id = self.tok.token_to_id(special.get("cls_token", "[CLS]"))
+        sep_id = self.tok.token_to_id(special.get("sep_token", "[SEP]"))
+        if cls_id is None or sep_id is None:
+            raise ValueError(f"{folder}: tokenizer has no cls/sep token")
+        self.cls_id: int = cls_id
+        self.sep_id: int = sep_id
 
     def prompt_ids(self, prompt: str | None, max_tokens: int) -> list[int]:
         """`[CLS] prompt [SEP]`, the prompt cut to its last `max_tokens` tokens (none for a null prompt)."""
@@ -59,7 +66,7 @@ def _special_tokens(folder: Path) -> dict[str, str]:
 class IncrementalTokenizer:
     """Feeds text piece by piece; yields the tokens whose extent can no longer change."""
 
-    tok: GuardTokenizer
+    tok: TextTokenizer
     text: str = ""
     done_until: int = 0  # characters before this are tokenized for good
     ids: list[int] = field(default_factory=list)
