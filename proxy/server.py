@@ -66,7 +66,13 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     if url is None:
         demo, url = await start_demo_upstream()
         log.info("no upstream configured: serving the built-in demo upstream at %s", url)
-    session = aiohttp.ClientSession(timeout=client_timeout(settings.upstream), auto_decompress=True)
+    # No pool limit: aiohttp's default of 100 connections would silently queue the 101st stream (with
+    # no timeout) until one of the first hundred ended.
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=client_timeout(settings.upstream),
+        auto_decompress=True,
+    )
     app[UPSTREAM] = Upstream(settings.upstream, url, session)
     try:
         yield

@@ -100,6 +100,22 @@ async def test_the_active_streams_gauge_returns_to_zero_after_a_client_leaves(ha
     assert await poll(idle)
 
 
+async def test_more_than_a_hundred_streams_at_once_all_reach_the_upstream(harness: Harness) -> None:
+    upstream = await harness.replay([LONG], tokens_per_second=5)
+    proxy = await harness.proxy(upstream, policy(holdback_tokens=2))
+    unpooled = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    session = await harness.stack.enter_async_context(unpooled)
+    request = chat_request(LONG["prompt"], stream=True)
+
+    opening = asyncio.gather(*(session.post(f"{proxy}{CHAT}", json=request) for _ in range(110)))
+    responses = await asyncio.wait_for(opening, timeout=20)
+    for resp in responses:
+        harness.stack.callback(resp.close)
+
+    assert [resp.status for resp in responses] == [200] * 110
+    assert (await replay_stats(upstream))["streams_started"] == 110
+
+
 # -- upstreams that fail -----------------------------------------------------------------------------
 
 
