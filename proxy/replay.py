@@ -1,9 +1,14 @@
 """`backtrack replay-upstream`: a stand-in LLM server for demos, tests and benchmarks.
 
-It speaks OpenAI's chat completions and completions APIs. For a request whose last user message (chat)
-or `prompt` (completions) equals a row's `prompt`, it answers that row's `response`, streamed as
-token-sized deltas (`ApproxTokenizer`) at up to `tokens_per_second`; anything else gets `DEFAULT_ANSWER`.
-Rows sharing a prompt are served round-robin, so asking twice can give two different answers.
+It speaks every dialect the proxy does: OpenAI's chat completions and completions, Anthropic's messages
+(`proxy.replay_dialects`) and Ollama's chat and generate. For a request whose last user message (or
+`prompt`) equals a row's `prompt`, it answers that row's `response`, streamed as token-sized deltas
+(`ApproxTokenizer`) at up to `tokens_per_second`; anything else gets `DEFAULT_ANSWER`. Rows sharing a
+prompt are served round-robin, so asking twice can give two different answers.
+
+Like a model continuing a prefill, a request ending in an assistant message whose text starts the
+response gets only the rest of it. A row may carry an `error` (`{"message", "status"}`, plus
+`"after_tokens": N` to fail mid-stream after N deltas) that every dialect answers in its own format.
 
 `GET /_replay/stats` reports what the server saw, for tests: counts of completion requests and streams
 (started, completed, cancelled by a client that went away), and the last completion request's JSON body
@@ -41,11 +46,31 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
+class RowError:
+    """How a row fails: before the headers with `status`, or in-band after `after_tokens` deltas."""
+
+    message: str
+    status: int = 500
+    after_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class Row:
     """One recorded exchange: the prompt it answers (None: never matched) and the response to replay."""
 
     prompt: str | None
     response: str
+    error: RowError | None = None
+
+    def split(self, tokenizer: ApproxTokenizer, prefill: str = "") -> list[str]:
+        """The response as streamed deltas; after a prefill that starts it, only what follows."""
+        text = (
+            self.response[len(prefill) :] if prefill and self.response.startswith(prefill) else self.response
+        )
+        return tokenizer.split(text)
+
+
+DEFAULT_ROW = Row(None, DEFAULT_ANSWER)
 
 
 @dataclass
@@ -60,16 +85,16 @@ class ReplayStats:
 
 @dataclass
 class ReplayState:
-    responses: dict[str, list[str]]
+    responses: dict[str, list[Row]]
     tokens_per_second: float | None
     stats: ReplayStats = field(default_factory=ReplayStats)
     served: dict[str, int] = field(default_factory=dict)  # per prompt: how many answers given so far
     tokenizer: ApproxTokenizer = field(default_factory=ApproxTokenizer)
 
-    def answer(self, prompt: str | None) -> str:
-        """The next response for `prompt`, round-robin over the rows that share it."""
+    def answer(self, prompt: str | None) -> Row:
+        """The next row for `prompt`, round-robin over the rows that share it."""
         if prompt is None or prompt not in self.responses:
-            return DEFAULT_ANSWER
+            return DEFAULT_ROW
         candidates = self.responses[prompt]
         turn = self.served.get(prompt, 0)
         self.served[prompt] = turn + 1
@@ -80,13 +105,16 @@ REPLAY_STATE = web.AppKey("replay_state", ReplayState)
 
 
 class InvalidRequest(Exception):
-    """A request the OpenAI API would refuse with 400; answered in OpenAI's error format."""
+    """A request the API would refuse (400 unless said otherwise); answered in the route's error format."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = None, *, status: int = 400
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.status = status
 
 
 def load_rows(path: Path) -> list[Row]:
@@ -116,10 +144,29 @@ def load_rows(path: Path) -> list[Row]:
             raise ConfigError(f"{path}:{number}: 'response' must be a string, got {_shown(response)}")
         if prompt is not None and not isinstance(prompt, str):
             raise ConfigError(f"{path}:{number}: 'prompt' must be a string or null, got {_shown(prompt)}")
-        rows.append(Row(prompt=prompt, response=response))
+        rows.append(Row(prompt=prompt, response=response, error=_row_error(data.get("error"), path, number)))
     if not rows:
         raise ConfigError(f"{path}: no rows")
     return rows
+
+
+def _row_error(value: Any, path: Path, number: int) -> RowError | None:
+    if value is None:
+        return None
+    message = value.get("message") if isinstance(value, dict) else None
+    status = value.get("status", 500) if isinstance(value, dict) else None
+    after = value.get("after_tokens") if isinstance(value, dict) else None
+    if (
+        not isinstance(message, str)
+        or not isinstance(status, int)
+        or not 400 <= status <= 599
+        or not (after is None or (isinstance(after, int) and after >= 0))
+    ):
+        raise ConfigError(
+            f'{path}:{number}: \'error\' must be {{"message": str, "status": 400-599, '
+            f'"after_tokens": int >= 0}}, got {_shown(value)}'
+        )
+    return RowError(message, status, after)
 
 
 def _shown(value: Any) -> str:
@@ -130,37 +177,53 @@ def _shown(value: Any) -> str:
 
 def create_replay_app(rows: list[Row], tokens_per_second: float | None = None) -> web.Application:
     """The replay server for `rows`; at most `tokens_per_second` deltas a second per stream (None: any)."""
-    responses: dict[str, list[str]] = {}
+    from proxy import replay_dialects  # it builds on this module's state and stream writer
+
+    responses: dict[str, list[Row]] = {}
     for row in rows:
         if row.prompt is not None:
-            responses.setdefault(row.prompt, []).append(row.response)
-    app = web.Application(middlewares=[_openai_errors])
+            responses.setdefault(row.prompt, []).append(row)
+    app = web.Application(middlewares=[_errors])
     app[REPLAY_STATE] = ReplayState(responses=responses, tokens_per_second=tokens_per_second or None)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_get("/v1/models", _models)
+    app.router.add_post("/v1/messages", replay_dialects.messages)
+    app.router.add_post("/api/chat", replay_dialects.ollama_chat)
+    app.router.add_post("/api/generate", replay_dialects.ollama_generate)
     app.router.add_get("/_replay/stats", _stats)
     return app
 
 
-def _error(
-    status: int, message: str, kind: str, param: str | None = None, code: str | None = None
-) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+# Anthropic names some statuses' errors; the rest of 5xx is its "api_error".
+ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 529: "overloaded_error"}
+
+
+def error_response(path: str, status: int, message: str, kind: str, param: str | None = None,
+                   code: str | None = None) -> web.Response:  # fmt: skip
+    """An error answered before the headers, in the format of the API that `path` belongs to."""
+    if path == "/v1/messages":
+        kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else kind)
+        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+    elif path.startswith("/api/"):
+        body = {"error": message}
+    else:
+        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return web.json_response(body, status=status)
 
 
 @web.middleware
-async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except InvalidRequest as exc:
-        return _error(400, exc.message, "invalid_request_error", exc.param, exc.code)
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        return error_response(request.path, exc.status, exc.message, kind, exc.param, exc.code)
     except web.HTTPException as exc:
-        # 404, 405, 413 from aiohttp itself: same error shape as OpenAI so clients parse them alike.
+        # 404, 405, 413 from aiohttp itself: same error shape as the API so clients parse them alike.
         if exc.status < 400:
             raise
-        return _error(exc.status, exc.text or exc.reason, "invalid_request_error")
+        return error_response(request.path, exc.status, exc.text or exc.reason, "invalid_request_error")
 
 
 async def _read_body(request: web.Request) -> dict[str, Any]:
@@ -232,8 +295,15 @@ def _message_text(content: Any, where: str) -> str:
     raise InvalidRequest(f"'{where}' must be a string or a list of parts.", where, "invalid_type")
 
 
-def _chat_prompt(body: dict[str, Any]) -> tuple[str | None, str]:
-    """The last user message (None without one) and all message text, for the usage count."""
+@dataclass(frozen=True)
+class Conversation:
+    last_user: str | None  # picks the row
+    text: str  # every message's text, for the prompt's token count
+    prefill: str  # a final assistant message's text: the start of the answer, which the upstream continues
+
+
+def chat_prompt(body: dict[str, Any]) -> Conversation:
+    """What a chat request (OpenAI, Anthropic or Ollama messages) says, with its messages checked."""
     messages = body.get("messages")
     if messages is None:
         raise InvalidRequest(
@@ -251,7 +321,8 @@ def _chat_prompt(body: dict[str, Any]) -> tuple[str | None, str]:
         texts.append(text)
         if message["role"] == "user":
             last_user = text
-    return last_user, "\n".join(texts)
+    prefill = texts[-1] if messages[-1]["role"] == "assistant" else ""
+    return Conversation(last_user, "\n".join(texts), prefill)
 
 
 def _completion_prompt(body: dict[str, Any]) -> str:
@@ -277,14 +348,26 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+def fail_before_headers(row: Row) -> None:
+    """Raise the row's error when it is to be answered instead of a response."""
+    if row.error is not None and row.error.after_tokens is None:
+        raise InvalidRequest(row.error.message, status=row.error.status)
+
+
+def openai_error_chunk(message: str) -> bytes:
+    return _sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+
+
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[REPLAY_STATE]
     body = await _read_body(request)
     params = _params(body)
-    prompt, prompt_text = _chat_prompt(body)
-    text = state.answer(prompt)
-    pieces = state.tokenizer.split(text)
-    usage = _usage(state, prompt_text, pieces, params.n)
+    talk = chat_prompt(body)
+    row = state.answer(talk.last_user)
+    fail_before_headers(row)
+    pieces = row.split(state.tokenizer, talk.prefill)
+    text = "".join(pieces)
+    usage = _usage(state, talk.text, pieces, params.n)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": params.model}
     if not params.stream:
         choices = [
@@ -312,7 +395,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         yield b"".join(chunk({}, "stop", i) for i in range(params.n))
 
     usage_chunk = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
-    return await _stream(request, steps(), usage_chunk if params.include_usage else None)
+    tail = (_sse(usage_chunk) if params.include_usage else b"") + b"data: [DONE]\n\n"
+    # The role comes first, so a failure after N tokens comes after N + 1 steps.
+    return await stream(request, steps(), lambda: tail, row, openai_error_chunk, skip=1)
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:
@@ -320,8 +405,10 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     body = await _read_body(request)
     params = _params(body)
     prompt = _completion_prompt(body)
-    text = state.answer(prompt)
-    pieces = state.tokenizer.split(text)
+    row = state.answer(prompt)
+    fail_before_headers(row)
+    pieces = row.split(state.tokenizer)
+    text = "".join(pieces)
     usage = _usage(state, prompt, pieces, params.n)
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time())}
     if not params.stream:
@@ -343,33 +430,46 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         yield b"".join(chunk("", "stop", i) for i in range(params.n))
 
     usage_chunk = {**head, "model": params.model, "choices": [], "usage": usage}
-    return await _stream(request, steps(), usage_chunk if params.include_usage else None)
+    tail = (_sse(usage_chunk) if params.include_usage else b"") + b"data: [DONE]\n\n"
+    return await stream(request, steps(), lambda: tail, row, openai_error_chunk)
 
 
-async def _stream(
-    request: web.Request, steps: Iterator[bytes], usage: dict[str, Any] | None
+async def stream(
+    request: web.Request,
+    steps: Iterator[bytes],
+    tail: Callable[[], bytes],
+    row: Row,
+    error: Callable[[str], bytes],
+    *,
+    skip: int = 0,
+    content_type: str = "text/event-stream",
 ) -> web.StreamResponse:
-    """Write `steps` as SSE at the configured rate, then the usage chunk and `[DONE]`.
+    """Write `steps` at the configured rate, then `tail()`; or, for a row that fails mid-stream, its first
+    `after_tokens` steps (after `skip` steps that carry no token) and then `error(message)`.
 
     Step i goes out at start + i/R rather than after a sleep of 1/R, so time spent writing does not
     accumulate and the rate holds over long streams.
     """
     state = request.app[REPLAY_STATE]
     loop = asyncio.get_running_loop()
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+    fail_at = None if row.error is None or row.error.after_tokens is None else skip + row.error.after_tokens
     state.stats.streams_started += 1
     try:
         await response.prepare(request)
         start = loop.time()
         for i, step in enumerate(steps):
+            if i == fail_at:
+                break
             if state.tokens_per_second:
                 delay = start + i / state.tokens_per_second - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
             await response.write(step)
-        if usage is not None:
-            await response.write(_sse(usage))
-        await response.write(b"data: [DONE]\n\n")
+        if row.error is not None and fail_at is not None:
+            await response.write(error(row.error.message))
+        else:
+            await response.write(tail())
         await response.write_eof()
     except ConnectionResetError:
         # The client went away; aiohttp closes the connection, nothing is left to answer.
@@ -405,7 +505,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add `replay-upstream` to the `backtrack` command line."""
     parser = subparsers.add_parser(
         "replay-upstream",
-        help="serve recorded responses as a stand-in OpenAI-compatible LLM",
+        help="serve recorded responses as a stand-in LLM (OpenAI, Anthropic and Ollama APIs)",
     )
     parser.add_argument(
         "--data",
