@@ -40,9 +40,7 @@ GUARDS = web.AppKey("guards", dict[str, Guard])
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
-    app = web.Application(
-        client_max_size=settings.server.max_body_bytes, middlewares=[error_middleware]
-    )
+    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
     app.cleanup_ctx.extend([upstream_ctx, guard_ctx])
@@ -154,7 +152,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(ClientError(f"{exc.reason}: {request.method} {request.path}", status=exc.status))
+        return error_response(
+            ClientError(f"{exc.reason}: {request.method} {request.path}", status=exc.status)
+        )
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:
