@@ -51,9 +51,8 @@ async def poll(condition: Any, attempts: int = 100, interval: float = 0.05) -> b
 # -- a client that leaves ----------------------------------------------------------------------------
 
 
-async def read_two_chunks_then_leave(
-    harness: Harness, proxy: str, prompt: str, *, wait_for_data: bool
-) -> None:
+async def read_two_chunks_then_leave(proxy: str, prompt: str, *, wait_for_data: bool) -> None:
+    """Start a stream, read two chunks (or, without `wait_for_data`, just the headers), hang up."""
     async with (
         aiohttp.ClientSession() as session,
         session.post(f"{proxy}{CHAT}", json=chat_request(prompt, stream=True)) as resp,
@@ -74,7 +73,7 @@ async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_request(
     proxy = await harness.proxy(upstream, policy(holdback_tokens=holdback))
 
     # With 200 tokens held back nothing reaches the client for 10 s: the proxy must still notice.
-    await read_two_chunks_then_leave(harness, proxy, LONG["prompt"], wait_for_data=holdback == 2)
+    await read_two_chunks_then_leave(proxy, LONG["prompt"], wait_for_data=holdback == 2)
 
     async def cancelled() -> bool:
         return (await replay_stats(upstream))["streams_cancelled"] == 1
@@ -90,7 +89,7 @@ async def test_the_active_streams_gauge_returns_to_zero_after_a_client_leaves(ha
     proxy = await harness.proxy(upstream, policy(holdback_tokens=2))
     session = await harness.session()
 
-    await read_two_chunks_then_leave(harness, proxy, LONG["prompt"], wait_for_data=True)
+    await read_two_chunks_then_leave(proxy, LONG["prompt"], wait_for_data=True)
 
     async def idle() -> bool:
         async with session.get(f"{proxy}/metrics") as resp:
