@@ -184,7 +184,7 @@ class CompositeStream:
 class InlineCompositeStream(CompositeStream):
     """All parts are inline: judge them one after the other, no tasks."""
 
-    def __init__(self, streams: list[GuardStream], inline: list[InlineStream]) -> None:
+    def __init__(self, streams: list[GuardStream], inline: Sequence[InlineStream]) -> None:
         super().__init__(streams)
         self.inline = inline
 
