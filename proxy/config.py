@@ -4,13 +4,20 @@ server:   host, port, body size limit
 upstream: the LLM server's root URL (or none: the built-in demo upstream), its key, timeouts
 guard:    the guard model's checkpoint and batching
 policies: name -> policy file; `default_policy` names the one used when nothing selects another
+tenants:  proxy API keys (as sha256 digests), each with its policy, rules and the policies it may ask for
+rules:    model and route globs -> policy (see `proxy.selection` for the precedence)
+reload:   how often the config and policy files are checked for changes
 redis:    url (BACKTRACK_REDIS_URL overrides it); none = in-memory state
 admin:    the environment variable holding the admin token
+
+A reload (`proxy.reload`) re-reads the file and takes the policies and the selection (`PolicySet`); the
+other sections are read once, at start.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from proxy.errors import ConfigError
 from proxy.policy import Policy, _Frozen, load_policy, parse_model, read_yaml
+from proxy.selection import PolicySet, Rule, Tenant
 
 
 class ServerConfig(_Frozen):
@@ -64,12 +72,22 @@ class AdminConfig(_Frozen):
     token_env: str = "BACKTRACK_ADMIN_TOKEN"
 
 
+class ReloadConfig(_Frozen):
+    # Checking a few mtimes costs nothing; 0 turns polling off (SIGHUP and /admin/reload still work).
+    poll_seconds: float = Field(2.0, ge=0.0, le=3600.0)
+
+
 class ConfigFile(_Frozen):
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     guard: GuardConfig = GuardConfig()
     policies: dict[str, str] = Field(default_factory=dict)
     default_policy: str = "default"
+    tenants: list[Tenant] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=list)
+    # Policies a request may ask for by header when no tenants are configured.
+    anonymous_allowed_policies: list[str] = Field(default_factory=list)
+    reload: ReloadConfig = ReloadConfig()
     redis: RedisConfig = RedisConfig()
     admin: AdminConfig = AdminConfig()
 
@@ -79,21 +97,35 @@ class Settings:
     """Everything `create_app` needs, resolved: policies loaded, paths absolute, overrides applied."""
 
     path: Path | None
+    file: ConfigFile  # the file as read, for a reload to tell what changed
     server: ServerConfig
     upstream: UpstreamConfig
     guard: GuardConfig
-    policies: dict[str, Policy]
-    default_policy: str
+    policy_set: PolicySet
     redis_url: str | None
     admin: AdminConfig
+    admin_token: SecretStr | None
     guard_checkpoint: Path | None
+
+    @property
+    def policies(self) -> Mapping[str, Policy]:
+        return self.policy_set.policies
+
+    @property
+    def default_policy(self) -> str:
+        return self.policy_set.default_policy
 
     def policy(self, name: str | None = None) -> Policy:
         return self.policies[name or self.default_policy]
 
     @property
     def needs_model(self) -> bool:
-        return any(p.detectors.model.enabled for p in self.policies.values())
+        return needs_model(self.policy_set)
+
+
+def needs_model(policy_set: PolicySet) -> bool:
+    """Whether any policy enables the guard model."""
+    return any(p.detectors.model.enabled for p in policy_set.policies.values())
 
 
 def load_settings(
@@ -106,25 +138,9 @@ def load_settings(
 ) -> Settings:
     """Read and validate `path` (None: built-in defaults with a marker-only policy)."""
     env = dict(os.environ) if env is None else env
-    data: Any = {} if path is None else read_yaml(path)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
-    cfg = parse_model(ConfigFile, data, str(path or "<defaults>"))
+    cfg = read_config(path)
+    policy_set = load_policy_set(cfg, path)
     base = path.parent if path is not None else Path.cwd()
-
-    policies: dict[str, Policy] = {}
-    for name, rel in cfg.policies.items():
-        policy = load_policy(base / rel)
-        policies[name] = policy.model_copy(update={"name": name}) if policy.name != name else policy
-    if not policies:
-        policies["default"] = Policy(name="default")
-    if cfg.default_policy not in policies:
-        raise ConfigError(
-            f"{path}: 'default_policy' has value {cfg.default_policy!r}. "
-            f"Not one of the policies: {', '.join(sorted(policies))}"
-        )
 
     server = cfg.server.model_copy(
         update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
@@ -133,14 +149,53 @@ def load_settings(
     if upstream is not None:
         up = parse_model(UpstreamConfig, {**up.model_dump(), "url": upstream}, "--upstream")
     checkpoint = base / cfg.guard.checkpoint if cfg.guard.checkpoint else None
+    token = env.get(cfg.admin.token_env)
     return Settings(
         path=path,
+        file=cfg,
         server=server,
         upstream=up,
         guard=cfg.guard,
-        policies=policies,
-        default_policy=cfg.default_policy,
+        policy_set=policy_set,
         redis_url=env.get("BACKTRACK_REDIS_URL") or cfg.redis.url,
         admin=cfg.admin,
+        admin_token=SecretStr(token) if token else None,
         guard_checkpoint=checkpoint,
     )
+
+
+def read_config(path: Path | None) -> ConfigFile:
+    """The config file, validated as a whole (None: the defaults)."""
+    data: Any = {} if path is None else read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    return parse_model(ConfigFile, data, str(path or "<defaults>"))
+
+
+def load_policy_set(cfg: ConfigFile, path: Path | None) -> PolicySet:
+    """The policy files `cfg` names (relative to `path`), and the selection, checked against them."""
+    base = path.parent if path is not None else Path.cwd()
+    policies: dict[str, Policy] = {}
+    for name, rel in cfg.policies.items():
+        policy = load_policy(base / rel)
+        policies[name] = policy.model_copy(update={"name": name}) if policy.name != name else policy
+    if not policies:
+        policies["default"] = Policy(name="default")
+    policy_set = PolicySet(
+        policies=policies,
+        default_policy=cfg.default_policy,
+        tenants=tuple(cfg.tenants),
+        rules=tuple(cfg.rules),
+        anonymous_allowed_policies=tuple(cfg.anonymous_allowed_policies),
+    )
+    errors = policy_set.reference_errors(str(path or "<defaults>"))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return policy_set
+
+
+def policy_files(cfg: ConfigFile, path: Path) -> list[Path]:
+    """The files a reload reads: the config and every policy file it names."""
+    return [path, *(path.parent / rel for rel in cfg.policies.values())]

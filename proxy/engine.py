@@ -306,7 +306,7 @@ class StreamEngine:
             out.append(Regenerate())
         elif action is Action.REFUSE:
             self.state = State.DONE
-            out += [Release(Piece(self.policy.refusal_message)), Finish("stop")]
+            out += [Release(Piece(self.policy.message_for(reset.category))), Finish("stop")]
         else:
             self.state = State.DONE
             out.append(Finish("content_filter"))

@@ -4,7 +4,8 @@
     ├── ConfigError           a config or policy file is invalid (at start or reload)
     ├── ClientError           the client's request is wrong (400)
     │   ├── PayloadTooLarge   the body is over the size limit (413)
-    │   └── Unauthorized      a missing or unknown proxy key (401)
+    │   ├── Unauthorized      a missing or unknown proxy key or admin token (401)
+    │   └── Forbidden         a known key asking for what it may not have (403)
     ├── UpstreamError         the upstream is unreachable, timed out or answered badly (502)
     │   └── UpstreamTimeout   the upstream did not answer in time (504)
     └── GuardError            the guard could not score in time or failed; the policy's fail mode applies
@@ -44,6 +45,11 @@ class PayloadTooLarge(ClientError):
 class Unauthorized(ClientError):
     status = 401
     kind = "authentication_error"
+
+
+class Forbidden(ClientError):
+    status = 403
+    kind = "permission_error"
 
 
 class UpstreamError(BacktrackError):

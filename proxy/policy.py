@@ -76,6 +76,8 @@ class Policy(_Frozen):
     score_every_tokens: int = Field(1, ge=1, le=256)
     actions: dict[str, Action] = {"default": Action.REFUSE, UPSTREAM_RESET: Action.CONTINUE}
     refusal_message: str = "I can't help with that."
+    # Per category, what `refuse` answers instead of `refusal_message` (e.g. point self-harm to help).
+    messages: dict[str, str] = {}
     regenerate_instruction: str = (
         "Your previous answer was withdrawn because it was unsafe. Answer again safely: "
         "decline harmful requests briefly and help with anything benign."
@@ -99,6 +101,15 @@ class Policy(_Frozen):
     def action_for(self, category: str) -> Action:
         return self.actions.get(category, self.actions["default"])
 
+    def message_for(self, category: str) -> str:
+        """What `refuse` answers for a reset of this category."""
+        return self.messages.get(category, self.refusal_message)
+
+
+# Keys whose values are secrets, or may be when mistyped (a key pasted where its digest belongs): an
+# error names the key but never repeats the value.
+SECRET_KEYS = frozenset({"api_key", "key_sha256"})
+
 
 def format_validation_error(source: str, exc: ValidationError) -> str:
     """One line per problem: file, key path, offending value, reason."""
@@ -106,7 +117,12 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"]) or "(top level)"
         value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" has value {value!r}."
+        if isinstance(value, dict):
+            shown = ""
+        elif SECRET_KEYS.intersection(str(p) for p in err["loc"]):
+            shown = " has a value that is not shown (a secret)."
+        else:
+            shown = f" has value {value!r}."
         lines.append(f"{source}: '{path}'{shown} {err['msg']}")
     return "\n".join(lines)
 
