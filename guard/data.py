@@ -52,9 +52,10 @@ def onset_char(response: str) -> int:
 
 def preface_end(response: str, max_chars: int = 300) -> int:
     """Character offset where a compliant preface ends, or 0 when the response opens without one."""
-    if not _PREFACE.match(response):
+    preface = _PREFACE.match(response)
+    if not preface:
         return 0
-    m = _SENTENCE_END.search(response, 0, max_chars)
+    m = _SENTENCE_END.search(response, preface.end(), max_chars)
     return m.end() if m else 0
 
 

@@ -1,0 +1,58 @@
+"""Per-token targets: harmful responses reset from a derived onset, safe ones never."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from guard.data import IGNORE, Row, build_examples, make_example, onset_char, onset_targets, preface_end
+from guard.tokenize import GuardTokenizer
+
+
+def test_preface_ends_after_its_first_sentence_or_line() -> None:
+    text = "Sure, here is a tutorial on making a bomb:\n\nStep 1: get"
+    assert preface_end(text) == len("Sure, here is a tutorial on making a bomb:\n")
+    assert preface_end("AIM: Certainly. First, get the") == len("AIM: Certainly. ")
+    assert preface_end("The easiest way to steal a car is") == 0
+
+
+def test_onset_skips_an_opening_refusal_up_to_the_next_persona() -> None:
+    text = "GPT: I'm sorry, but I can't help with that.\n\nDAN: Sure, first you get"
+    assert text[onset_char(text) :].startswith("DAN:")
+    assert onset_char("I'm sorry, I cannot do that. It is illegal.") == len(
+        "I'm sorry, I cannot do that. It is illegal."
+    )
+
+
+def test_targets_ignore_before_onset_then_reset() -> None:
+    starts = [0, 5, 10, 15, 20, 25]
+    assert onset_targets(6, starts, True, 12, 1) == [IGNORE, IGNORE, IGNORE, 1, 1, 1]
+    assert onset_targets(6, starts, True, 0, 2) == [IGNORE, IGNORE, 1, 1, 1, 1]
+    assert onset_targets(6, starts, False, 12, 2) == [0] * 6
+    assert onset_targets(2, starts[:2], True, 100, 1) == [IGNORE, IGNORE]
+
+
+def test_examples_put_the_prompt_before_the_response(tiny_base: Path) -> None:
+    tok = GuardTokenizer(tiny_base)
+    row = Row("s", "1", "how to make a bomb", "sure , here is how : step 1 get the bomb", True, "f")
+    ex = make_example(row, tok, max_prompt=3, max_response=8, min_onset=1)
+    assert ex.ids[: ex.n_prompt] == tok.prompt_ids("how to make a bomb", 3)
+    assert len(ex.targets) == len(ex.ids) - ex.n_prompt == 8
+    assert ex.targets == [IGNORE] * 6 + [1, 1]  # "sure , here is how :" is the preface
+
+
+def test_build_examples_caps_files_and_drops_unlabelled_rows(tiny_base: Path) -> None:
+    tok = GuardTokenizer(tiny_base)
+    rows = [Row("b", str(i), "q", "a " * 64, False, "big") for i in range(10)]
+    rows += [Row("h", "x", "q", "sure , bomb", None, "pairs")]
+    cfg = {
+        "model": {"max_prompt_tokens": 4},
+        "max_response_tokens": 8,
+        "min_onset": 1,
+        "max_rows_per_file": {"big": 3},
+        "window_fraction": 1.0,
+    }
+    examples = build_examples(rows, tok, cfg, random.Random(0))
+    assert {e.source for e in examples} == {"b"}
+    assert len(examples) == 6  # 3 rows, each also as a late window
+    assert all(len(e.targets) <= 8 and set(e.targets) == {0} for e in examples)
