@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +40,7 @@ import tempfile
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -71,21 +72,27 @@ class Sample:
 
     ttfb: float | None = None
     ttft: float | None = None
+    last: float | None = None  # the last content chunk
     gaps: list[float] = field(default_factory=list)
     lags: list[float] = field(default_factory=list)
     chunks: int = 0
     ok: bool = False
+    done: bool = False  # False: still streaming when the run was cut
+    # The upstream's own time for the answer (its schedule for the last token); None when unpaced.
+    scheduled: float | None = None
 
 
 @dataclass
 class PathRun:
-    """All requests of one path at one concurrency, and the server's CPU time while they ran."""
+    """All requests of one path at one concurrency, and the CPU time spent while they ran."""
 
     path: str
     concurrency: int
     seconds: float
-    cpu_seconds: float
+    cpu_seconds: float  # the server's
     samples: list[Sample]
+    client_cpu_seconds: float = 0.0  # the load client's (this process)
+    busy: float | None = None  # share of all CPUs of the machine busy meanwhile, from /proc/stat
 
     def summary(self) -> dict[str, Any]:
         chunks = sum(s.chunks for s in self.samples)
@@ -94,18 +101,26 @@ class PathRun:
         ttft = [s.ttft * ms for s in self.samples if s.ttft is not None]
         gaps = [g * ms for s in self.samples for g in s.gaps]
         lags = [g * ms for s in self.samples for g in s.lags]
+        slowdowns = [
+            s.last / s.scheduled for s in self.samples if s.ok and s.last is not None and s.scheduled
+        ]
         return {
             "path": self.path,
             "concurrency": self.concurrency,
             "requests": len(self.samples),
-            "errors": sum(not s.ok for s in self.samples),
+            "errors": sum(s.done and not s.ok for s in self.samples),
+            "cut": sum(not s.done for s in self.samples),
             "chunks": chunks,
             "ttfb_ms": _quantiles(ttfb),
             "ttft_ms": _quantiles(ttft),
             "gap_ms": _quantiles(gaps),
             "lag_ms": _quantiles(lags),
+            "slowdown": _quantiles(slowdowns),
+            "seconds": self.seconds,
             "chunks_per_s": chunks / self.seconds if self.seconds else None,
             "cpu_s_per_1k_chunks": self.cpu_seconds / chunks * 1000 if chunks else None,
+            "client_cpu_s": self.client_cpu_seconds,
+            "machine_busy": self.busy,
         }
 
 
@@ -176,17 +191,21 @@ def expected_answers(rows: list[Row]) -> dict[str, Expected]:
 
 
 class Server:
-    """A child process serving HTTP on `port`, its output in `log`."""
+    """A child process serving HTTP on `port`, its output in `log`.
 
-    def __init__(self, name: str, command: list[str], port: int, log_path: Path) -> None:
+    `env` replaces the environment (default: this one, with this package importable).
+    """
+
+    def __init__(
+        self, name: str, command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.port = port
         self.log_path = log_path
         self._log: TextIO = log_path.open("w", encoding="utf-8")
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])),
-        }
+        if env is None:
+            path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+            env = {**os.environ, "PYTHONPATH": path}
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     @property
@@ -194,17 +213,38 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def cpu_seconds(self) -> float:
-        """utime + stime of the process so far."""
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        # The command name (field 2) may contain spaces; the numeric fields start after its ')'.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """utime + stime so far of the process and its live descendants (a server may fork workers)."""
+        total = 0.0
+        for pid in _process_tree(self.process.pid):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:  # exited since the tree was read
+                continue
+            # The command name (field 2) may contain spaces; the numeric fields start after its ')'.
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def peak_rss_bytes(self) -> int:
+        """Peak resident memory (VmHWM) of the process and its live descendants, added up."""
+        total = 0
+        for pid in _process_tree(self.process.pid):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024  # reported in kB
+        return total
 
     def log_tail(self, lines: int = 20) -> str:
         self._log.flush()
         return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
+        # Descendants first: a worker left behind by its parent's exit would outlive the benchmark.
+        children = _process_tree(self.process.pid)[1:]
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -212,10 +252,25 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        for pid in children:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self._log.close()
 
 
-def _free_port() -> int:
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants, parents first."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        for task in Path(f"/proc/{tree[index]}/task").glob("*"):
+            with suppress(OSError):
+                tree += [int(child) for child in (task / "children").read_text().split()]
+        index += 1
+    return tree
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -223,7 +278,7 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _servers() -> Iterator[list[Server]]:
+def servers() -> Iterator[list[Server]]:
     """Children started into the yielded list are stopped on the way out, error or not."""
     started: list[Server] = []
     try:
@@ -233,7 +288,8 @@ def _servers() -> Iterator[list[Server]]:
             server.stop()
 
 
-async def _wait_until_up(session: aiohttp.ClientSession, server: Server, path: str) -> None:
+async def wait_until_up(session: aiohttp.ClientSession, server: Server, path: str) -> None:
+    """Poll `path` until it answers 200; `BenchError` with the log's tail if the server exits or is slow."""
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -253,26 +309,54 @@ async def _wait_until_up(session: aiohttp.ClientSession, server: Server, path: s
 # --- load ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a path's requests go: the chat completions URL, the model to name, the bearer token."""
+
+    url: str
+    model: str = "bench"
+    token: str = "bench"
+
+
+@dataclass(frozen=True)
+class Load:
+    """How long each of the concurrent streams keeps asking, one request after another."""
+
+    requests: int | None = None  # this many requests per stream
+    seconds: float | None = None  # or: new requests until this long after the start (at least one)
+    cut_after: float | None = None  # streams still open then are cancelled and counted as cut
+    warmup_prompt: str | None = None  # default: the workload's first prompt
+
+    def more(self, done: int, elapsed: float) -> bool:
+        if self.requests is not None:
+            return done < self.requests
+        return done == 0 or elapsed < (self.seconds or 0.0)
+
+
 async def _one_request(
     session: aiohttp.ClientSession,
-    url: str,
+    target: Target,
     prompt: str,
     expected: Expected | None,
     tokens_per_second: float | None,
-) -> Sample:
-    sample = Sample()
+    sample: Sample,
+) -> None:
+    """Stream one answer into `sample`; a request cancelled half-way leaves what it saw there."""
     received = 0
-    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "stream": True}
+    body = {"model": target.model, "messages": [{"role": "user", "content": prompt}], "stream": True}
     loop = asyncio.get_running_loop()
     started = loop.time()
-    last_content: float | None = None
     text: list[str] = []
     done = False
+    if expected is not None and tokens_per_second:
+        sample.scheduled = expected.due(len(expected.text), tokens_per_second)
+    headers = {"Authorization": f"Bearer {target.token}"}
     try:
-        async with session.post(url, json=body, headers={"Authorization": "Bearer bench"}) as response:
+        async with session.post(target.url, json=body, headers=headers) as response:
             if response.status != 200:
                 await response.read()
-                return sample
+                sample.done = True
+                return
             async for line in response.content:
                 if not line.startswith(b"data:"):
                     continue
@@ -285,7 +369,8 @@ async def _one_request(
                     break
                 event = json.loads(data)
                 if "error" in event:
-                    return sample
+                    sample.done = True
+                    return
                 content = "".join(
                     (c.get("delta") or {}).get("content") or "" for c in event.get("choices", [])
                 )
@@ -296,43 +381,76 @@ async def _one_request(
                 received += len(content)
                 if expected is not None:
                     sample.lags.append(now - expected.due(received, tokens_per_second))
-                if last_content is None:
+                if sample.last is None:
                     sample.ttft = now
                 else:
-                    sample.gaps.append(now - last_content)
-                last_content = now
+                    sample.gaps.append(now - sample.last)
+                sample.last = now
     except (aiohttp.ClientError, json.JSONDecodeError):
-        return sample
+        sample.done = True
+        return
+    sample.done = True
     sample.ok = done and (expected is None or "".join(text) == expected.text)
-    return sample
 
 
-async def _run_path(
-    server: Server, name: str, concurrency: int, requests: int, workload: Workload
+async def run_path(
+    server: Server,
+    name: str,
+    concurrency: int,
+    load: Load,
+    workload: Workload,
+    target: Target | None = None,
 ) -> PathRun:
-    url = server.url + "/v1/chat/completions"
+    """Warm up, then drive `concurrency` streams at `target` (default: the server's chat completions).
+
+    CPU is the server's over the measured part only; a cut run counts up to the cut.
+    """
+    target = target or Target(server.url + "/v1/chat/completions")
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         # Warm-up: open connections and let both servers reach steady state before measuring.
+        warmup = load.warmup_prompt or workload.prompts[0]
         await asyncio.gather(
-            *(_one_request(session, url, workload.prompts[0], None, None) for _ in range(concurrency))
+            *(_one_request(session, target, warmup, None, None, Sample()) for _ in range(concurrency))
         )
+        samples: list[Sample] = []
 
-        async def stream(index: int) -> list[Sample]:
-            samples = []
-            for k in range(requests):
+        async def stream(index: int) -> None:
+            k = 0
+            while load.more(k, time.perf_counter() - clock):
                 prompt = workload.prompts[(index + k) % len(workload.prompts)]
-                expected = workload.expected.get(prompt)
-                samples.append(await _one_request(session, url, prompt, expected, workload.tokens_per_second))
-            return samples
+                samples.append(sample := Sample())
+                await _one_request(
+                    session, target, prompt, workload.expected.get(prompt), workload.tokens_per_second, sample
+                )
+                k += 1
 
-        cpu_before = server.cpu_seconds()
-        started = time.perf_counter()
-        results = await asyncio.gather(*(stream(i) for i in range(concurrency)))
-        seconds = time.perf_counter() - started
+        cpu_before, client_before, busy_before = server.cpu_seconds(), time.process_time(), _cpu_ticks()
+        clock = time.perf_counter()
+        tasks = [asyncio.ensure_future(stream(i)) for i in range(concurrency)]
+        _, pending = await asyncio.wait(tasks, timeout=load.cut_after)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        seconds = time.perf_counter() - clock
         cpu = server.cpu_seconds() - cpu_before
-    return PathRun(name, concurrency, seconds, cpu, [s for r in results for s in r])
+        client = time.process_time() - client_before
+        busy_after = _cpu_ticks()
+    busy = _busy_share(busy_before, busy_after)
+    return PathRun(name, concurrency, seconds, cpu, samples, client, busy)
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs together, from the first line of /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def _busy_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total else None
 
 
 # --- report -------------------------------------------------------------------------------------------
@@ -463,12 +581,14 @@ def _write_config(directory: Path, name: str, holdback: int | None) -> Path:
     return path
 
 
-def _replay_command(data: Path, port: int, tokens_per_second: float | None) -> list[str]:
+def replay_command(data: Path, port: int, tokens_per_second: float | None) -> list[str]:
+    """`backtrack replay-upstream` for `data` on `port`, paced at `tokens_per_second` (None: unpaced)."""
     command = [sys.executable, "-m", "proxy.cli", "replay-upstream", "--data", str(data), "--port", str(port)]
     return command + (["--tokens-per-second", str(tokens_per_second)] if tokens_per_second else [])
 
 
-def _proxy_command(config: Path, upstream: str, port: int) -> list[str]:
+def proxy_command(config: Path, upstream: str, port: int) -> list[str]:
+    """`backtrack serve` with `config` in front of `upstream`, on 127.0.0.1:`port`."""
     serve = [
         "serve",
         "--config",
@@ -505,26 +625,27 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         config, config_label = _write_config(workdir, "proxy", None), "marker-only policy, default hold-back"
     variant = f"proxy (hb {args.holdback})"
 
-    with _servers() as servers:
-        upstream_port = _free_port()
-        upstream_command = _replay_command(data, upstream_port, args.tokens_per_second)
+    with servers() as started:
+        upstream_port = free_port()
+        upstream_command = replay_command(data, upstream_port, args.tokens_per_second)
         upstream = Server("replay-upstream", upstream_command, upstream_port, workdir / "replay.log")
-        servers.append(upstream)
+        started.append(upstream)
         for name, cfg in (("proxy", config), (variant, _write_config(workdir, "holdback", args.holdback))):
-            port = _free_port()
-            servers.append(
-                Server(name, _proxy_command(cfg, upstream.url, port), port, workdir / f"{port}.log")
+            port = free_port()
+            started.append(
+                Server(name, proxy_command(cfg, upstream.url, port), port, workdir / f"{port}.log")
             )
         async with aiohttp.ClientSession() as session:
-            await _wait_until_up(session, upstream, "/v1/models")
-            for server in servers[1:]:
-                await _wait_until_up(session, server, "/healthz")
+            await wait_until_up(session, upstream, "/v1/models")
+            for server in started[1:]:
+                await wait_until_up(session, server, "/healthz")
 
         results = []
         for concurrency in args.concurrency:
-            for server in servers:
+            for server in started:
                 name = "direct" if server is upstream else server.name
-                path_run = await _run_path(server, name, concurrency, args.requests_per_stream, workload)
+                load = Load(requests=args.requests_per_stream)
+                path_run = await run_path(server, name, concurrency, load, workload)
                 results.append(path_run.summary())
                 print(
                     f"  {name:>14}  {concurrency:>3} streams  {results[-1]['chunks']} chunks", file=sys.stderr
