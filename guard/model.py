@@ -14,8 +14,7 @@ The head's logit at response token i says "`[RESET]` should be emitted after rea
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,9 @@ class GuardConfig:
     # Flag token i only if tokens i-k+1..i are all over threshold: single-token spikes on benign text
     # were the main source of false resets in the first trial.
     consecutive: int = 2
+    # > 0: the comparison model, a fresh causal transformer of this many layers (all trained) on the
+    # base's frozen embeddings, instead of the base's own layers.
+    scratch_layers: int = 0
 
     @property
     def n_frozen_layers(self) -> int:
@@ -240,10 +242,15 @@ def from_base(base: str, **overrides: Any) -> GuardModel:
     folder = resolve_base(base)
     hf_cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     cfg = config_from_hf(base, hf_cfg, **overrides)
+    if cfg.scratch_layers:
+        cfg = replace(cfg, n_layers=cfg.scratch_layers, n_trainable_layers=cfg.scratch_layers)
     model = GuardModel(cfg)
     hf_model = AutoModel.from_pretrained(str(folder))
-    missing, _ = model.load_state_dict(_hf_to_guard(hf_model.state_dict(), cfg.n_layers), strict=False)
+    base_layers = 0 if cfg.scratch_layers else cfg.n_layers
+    missing, _ = model.load_state_dict(_hf_to_guard(hf_model.state_dict(), base_layers), strict=False)
     expected_missing = {"head.weight", "head.bias", "type_emb.weight"}
+    if cfg.scratch_layers:
+        expected_missing |= {k for k in missing if k.startswith("blocks.")}
     if set(missing) - expected_missing:
         raise ValueError(f"base {base!r}: weights missing for {sorted(set(missing) - expected_missing)}")
     if "type_emb.weight" in missing:
@@ -274,6 +281,7 @@ def load_checkpoint(folder: Path, base: str | None = None) -> tuple[GuardModel, 
         n_trainable_layers=cfg.n_trainable_layers,
         max_prompt_tokens=cfg.max_prompt_tokens,
         consecutive=cfg.consecutive,
+        scratch_layers=cfg.scratch_layers,
     )
     state = {k: v.to(torch.float32) for k, v in load_file(str(folder / "guard.safetensors")).items()}
     model.load_state_dict(state, strict=False)
@@ -283,7 +291,3 @@ def load_checkpoint(folder: Path, base: str | None = None) -> tuple[GuardModel, 
 
 def param_count(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def logit(p: float) -> float:
-    return math.log(p / (1 - p))
