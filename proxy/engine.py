@@ -19,6 +19,8 @@ rest of the buffer, emits a `ResetEvent`, and runs the policy's action for the r
     refuse      -> the refusal message is released, the choice finishes with "stop"
     truncate    -> the choice finishes with "content_filter"
     regenerate  -> the shell must ask the upstream again (`Regenerate`), then call `begin_attempt`
+    inject      -> as regenerate; the shell asks with the abandoned text and `[RESET]` as the answer's
+                   start where its dialect allows that prefill
     continue    -> the upstream reset itself (its `[RESET]` marker): the text after the marker starts a
                    new attempt in the same upstream stream
     flag        -> nothing is dropped; a `Flagged` output is recorded and the stream goes on
@@ -29,7 +31,7 @@ for clients that mend their display.
 
 States (per choice):
 
-    STREAMING  --reset: regenerate-->   REGENERATING --begin_attempt--> STREAMING
+    STREAMING  --reset: regenerate/inject-->   REGENERATING --begin_attempt--> STREAMING
     STREAMING  --reset: refuse/truncate, finish-->   DONE
     STREAMING  --reset: continue / flag-->           STREAMING
 
@@ -301,7 +303,7 @@ class StreamEngine:
             self.attempt = _Attempt()
             for piece in remainder:
                 out += self.feed(piece)
-        elif action is Action.REGENERATE:
+        elif action in (Action.REGENERATE, Action.INJECT):
             self.state = State.REGENERATING
             out.append(Regenerate())
         elif action is Action.REFUSE:

@@ -22,6 +22,9 @@ M = TypeVar("M", bound=BaseModel)
 class Action(StrEnum):
     REFUSE = "refuse"  # drop the held text, answer with the policy's refusal message
     REGENERATE = "regenerate"  # ask the upstream again with a safety instruction, guarded in turn
+    # Ask again with the dropped text and `[RESET]` as the answer's start (for backtracking-trained
+    # upstreams, which then write their own safe continuation); `regenerate` where there is no prefill.
+    INJECT = "inject"
     TRUNCATE = "truncate"  # end the response here with finish_reason "content_filter"
     FLAG = "flag"  # let the text through; record the event only
     CONTINUE = "continue"  # the upstream reset itself: what follows its marker is the continuation

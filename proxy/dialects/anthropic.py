@@ -44,20 +44,21 @@ MEDIA_TYPE = "text/event-stream"
 RESET_EVENT = "backtrack_reset"
 # The engine speaks OpenAI's finish reasons; a message's stop reasons are Anthropic's.
 STOP_REASONS = {"stop": "end_turn", "content_filter": "refusal"}
-# Our error kinds that Anthropic has no name for are its generic "api_error".
+# Anthropic names its errors by status; any other 5xx is its generic "api_error".
 ERROR_TYPES = {
-    "invalid_request_error": "invalid_request_error",
-    "authentication_error": "authentication_error",
-}
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error",
+}  # fmt: skip
 
 
 def stop_reason(reason: str | None) -> str | None:
     return STOP_REASONS.get(reason, reason) if reason is not None else None
 
 
-def error_object(message: str, kind: str) -> JSON:
+def error_object(message: str, status: int = 500) -> JSON:
     """Anthropic's error body: `{"type": "error", "error": {"type", "message"}}`."""
-    return {"type": "error", "error": {"type": ERROR_TYPES.get(kind, "api_error"), "message": message}}
+    kind = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ class AnthropicCodec(Codec):
         return _sse(chunk)
 
     def error(self, message: str, kind: str, upstream: JSON | None = None) -> bytes:
-        body = {"type": "error", "error": upstream} if upstream else error_object(message, kind)
+        body = {"type": "error", "error": upstream} if upstream else error_object(message)
         return self._start() + _sse(body)
 
     def end(self) -> bytes:

@@ -41,8 +41,8 @@ from proxy.errors import ClientError
 MEDIA_TYPE = "application/x-ndjson"
 
 
-def error_object(message: str, kind: str = "") -> JSON:
-    """Ollama's error body: `{"error": "..."}`."""
+def error_object(message: str, status: int = 500) -> JSON:
+    """Ollama's error body: `{"error": "..."}` (the status, which other dialects name, goes unsaid)."""
     return {"error": message}
 
 

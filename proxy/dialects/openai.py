@@ -12,27 +12,33 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.dialects.base import (
     JSON,
     ChoiceFinish,
     ChoicePiece,
+    Codec,
     Done,
     Event,
     Passthrough,
     UpstreamFailure,
     Usage,
+    last_text,
     reset_object,
+    trailing_assistant,
+    without_trailing_assistant,
 )
 from proxy.dialects.sse import SSEDecoder, encode_sse
 from proxy.engine import Piece, ResetEvent
+from proxy.errors import ClientError
 
 # The neutral events are re-exported: they were born here, and callers import them from here.
 __all__ = [
-    "DONE", "ChoiceFinish", "ChoicePiece", "Done", "Event", "OpenAIDecoder", "OpenAIEncoder", "Passthrough",
-    "UpstreamFailure", "Usage", "data_line", "error_object", "in_band_error", "reset_object", "response_text",
-    "set_response_text",
+    "DONE", "ChoiceFinish", "ChoicePiece", "Done", "Event", "OpenAICodec", "OpenAIDecoder", "OpenAIEncoder",
+    "OpenAIRequest", "Passthrough", "UpstreamFailure", "Usage", "data_line", "error_object", "in_band_error",
+    "parse_request", "reset_object", "response_text", "set_response_text",
 ]  # fmt: skip
 
 
@@ -188,3 +194,165 @@ def set_response_text(choice: JSON, text: str, chat: bool) -> None:
         message["content"] = text
     else:
         choice["text"] = text
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    body: JSON
+    chat: bool
+    stream: bool
+    model: str
+    n: int
+
+    @property
+    def prompt(self) -> str | None:
+        """The text the guard reads before the response: the last user message, or the prompt."""
+        if not self.chat:
+            prompt = self.body.get("prompt")
+            return prompt if isinstance(prompt, str) else None
+        return last_text(self.body["messages"], "user")
+
+    @property
+    def prefill(self) -> str:
+        # A trailing assistant message is continued by upstreams that support it (vLLM's
+        # `continue_final_message`); OpenAI itself answers after it, and then it is still the client's.
+        return trailing_assistant(self.body["messages"]) if self.chat else ""
+
+    def regenerate_body(self, instruction: str) -> JSON:
+        body = copy.deepcopy(self.body)
+        body["n"] = 1
+        if self.chat:
+            messages = without_trailing_assistant(body["messages"])
+            body["messages"] = [{"role": "system", "content": instruction}, *messages]
+        elif isinstance(body.get("prompt"), str):
+            body["prompt"] = f"{instruction}\n\n{body['prompt']}"
+        return body
+
+    def inject_body(self, prefix: str) -> JSON | None:
+        body = copy.deepcopy(self.body)
+        body["n"] = 1
+        if not self.chat:
+            # A completion continues its prompt: the prompt is where an answer's start goes.
+            if not isinstance(body.get("prompt"), str):
+                return None
+            body["prompt"] += prefix
+            return body
+        if not body.get("continue_final_message"):
+            return None  # only an upstream the client already asks to continue a prefill is sent one
+        body["messages"] = [
+            *without_trailing_assistant(body["messages"]),
+            {"role": "assistant", "content": prefix},
+        ]
+        return body
+
+    def codec(self) -> OpenAICodec:
+        return OpenAICodec(chat=self.chat)
+
+    def answer_choices(self, answer: Any) -> list[tuple[int, str, str | None]]:
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise ValueError("not a completion")
+        return [(c.get("index", 0), response_text(c, self.chat), c.get("finish_reason")) for c in choices]
+
+    def set_answer_choice(self, answer: JSON, index: int, text: str | None, reason: str | None) -> None:
+        for choice in answer["choices"]:
+            if choice.get("index", 0) == index:
+                if text is not None:  # untouched, a null content stays null
+                    set_response_text(choice, text, self.chat)
+                choice["finish_reason"] = reason
+
+
+def parse_request(raw: bytes, *, chat: bool) -> OpenAIRequest:
+    """Validate what the proxy relies on; everything else goes to the upstream untouched."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ClientError("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ClientError("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ClientError("'model' is required and must be a string.")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ClientError(f"'stream' must be a boolean, not {type(stream).__name__}.")
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
+        raise ClientError("'n' must be an integer from 1 to 128.")
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ClientError("'messages' is required and must be a non-empty array.")
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise ClientError("Each message must be an object with a string 'role'.")
+    elif not isinstance(body.get("prompt"), str | list):
+        raise ClientError("'prompt' is required and must be a string or an array.")
+    return OpenAIRequest(body, chat, stream, model, n)
+
+
+class OpenAICodec(Codec):
+    """Chunks in, chunks out. Chunks the proxy makes copy the envelope of the upstream's latest (model,
+    system_fingerprint, unknown fields) but keep the first attempt's id and created: a regenerated
+    answer is still the one response."""
+
+    def __init__(self, *, chat: bool) -> None:
+        self.media_type = "text/event-stream"
+        self.chat = chat
+        self.encoder = OpenAIEncoder(chat=chat)
+        self.decoder = OpenAIDecoder(chat=chat)
+        self.identity: JSON = {}
+        self.template: JSON = {}
+        self.role_sent: set[int] = set()  # choices whose role the client has; a regeneration repeats it
+
+    def begin_attempt(self) -> None:
+        self.decoder = OpenAIDecoder(chat=self.chat)
+
+    def feed(self, data: bytes) -> list[Event]:
+        return self._envelope(self.decoder.feed(data))
+
+    def flush(self) -> list[Event]:
+        return self._envelope(self.decoder.flush())
+
+    def _envelope(self, events: list[Event]) -> list[Event]:
+        if not self.identity:
+            self.identity = {k: v for k, v in self.decoder.template.items() if k in ("id", "created")}
+        if self.decoder.template:
+            self.template = {**self.decoder.template, **self.identity}
+        return events
+
+    def piece(self, index: int, piece: Piece) -> bytes:
+        extra = piece.extra
+        if index in self.role_sent:
+            extra = _without_role(extra)  # SDKs concatenate a repeated role: "assistantassistant"
+        elif isinstance(extra, dict) and "role" in (extra.get("delta") or {}):
+            self.role_sent.add(index)
+        return self.encoder.piece(self.template, index, Piece(piece.text, extra, piece.received))
+
+    def reset(self, index: int, event: ResetEvent) -> bytes:
+        return self.encoder.reset(self.template, index, event)
+
+    def finish(self, index: int, reason: str | None, rest: JSON | None) -> bytes:
+        return self.encoder.finish(self.template, index, reason, rest)
+
+    def passthrough(self, event: Usage | Passthrough) -> bytes:
+        if isinstance(event, Usage):
+            return data_line({**event.chunk, **self.identity})
+        return data_line(event.chunk)
+
+    def error(self, message: str, kind: str, upstream: JSON | None = None) -> bytes:
+        if upstream is not None:
+            return data_line({"error": upstream}) + DONE
+        return in_band_error(message, kind)
+
+    def end(self) -> bytes:
+        return DONE
+
+
+def _without_role(choice: Any) -> Any:
+    """A streamed choice without the `role` of its delta."""
+    delta = choice.get("delta") if isinstance(choice, dict) else None
+    if not isinstance(delta, dict) or "role" not in delta:
+        return choice
+    return {**choice, "delta": {k: v for k, v in delta.items() if k != "role"}}
