@@ -95,10 +95,18 @@ class Codec(Protocol):
 class DialectRequest(Protocol):
     """A client's request as the relay needs it; the body goes upstream untouched on the first try."""
 
-    body: JSON
-    stream: bool
-    model: str
-    n: int
+    # Read-only: the requests are frozen dataclasses.
+    @property
+    def body(self) -> JSON: ...
+
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def n(self) -> int: ...
 
     @property
     def prompt(self) -> str | None:
