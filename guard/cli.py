@@ -33,6 +33,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N rows of each file")
     p.add_argument("--piece-tokens", type=int, default=16, help="approximate tokens per streamed piece")
     p.add_argument("--concurrency", type=int, default=32, help="rows streamed at once")
+    p.add_argument("--dump-logits", type=Path, default=None, help="also write every row's per-token logits")
+    p.add_argument("--sweep", action="store_true", help="print the best logit_bias per aggregation k")
     p.set_defaults(func=_eval)
 
 
@@ -97,6 +99,8 @@ def _eval(args: argparse.Namespace) -> int:
         piece_tokens=args.piece_tokens,
         concurrency=args.concurrency,
         limit=args.limit,
+        logits_out=args.dump_logits,
+        sweep=args.sweep,
     )
     return 0
 
