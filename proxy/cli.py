@@ -1,4 +1,4 @@
-"""The `backtrack` command: serve, replay-upstream, train, eval, bench."""
+"""The `backtrack` command: serve, replay-upstream, hash-key, tune, train, eval, bench."""
 
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=serve_command)
 
-    from proxy import replay
+    from proxy import replay, selection, tune
 
     replay.register(sub)
+    selection.register(sub)
+    tune.register(sub)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from proxy import bench as proxy_bench
@@ -45,6 +47,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from proxy.config import load_settings
+    from proxy.reload import sighup_ctx
     from proxy.server import create_app
 
     logging.basicConfig(
@@ -55,6 +58,8 @@ def serve_command(args: argparse.Namespace) -> int:
         f"backtrack: serving on http://{settings.server.host}:{settings.server.port} "
         f"(upstream: {settings.upstream.url or 'built-in demo'}; policies: {', '.join(settings.policies)})"
     )
+    app = create_app(settings)
+    app.cleanup_ctx.append(sighup_ctx)  # a signal handler is the process's: only the command installs it
     try:
         # aiohttp calls `print` once it listens, so the banner never announces a port it could not take.
         web.run_app(

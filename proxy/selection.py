@@ -84,7 +84,6 @@ class Tenant(_Frozen):
     rules: list[Rule] = Field(default_factory=list)
 
 
-
 @dataclass(frozen=True)
 class PolicySet:
     """What a reload replaces as one: the policies and the rules for who gets which."""
@@ -188,6 +187,13 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return headers.get("x-api-key") or None
+
+
+def forwarded_headers(headers: Mapping[str, str], tenant: Tenant | None) -> dict[str, str]:
+    """The client's headers to pass upstream: a tenant's key is the proxy's own and stays here."""
+    if tenant is None:
+        return dict(headers)
+    return {k: v for k, v in headers.items() if k.lower() not in ("authorization", "x-api-key")}
 
 
 # -- `backtrack hash-key` ----------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 Resources live under typed `AppKey`s, each set up and torn down by its own `cleanup_ctx` generator:
 the upstream client session, the built-in demo upstream (only when no upstream is configured), the
-guard model (only when a policy enables it), and the per-policy guards built on top of them.
+guard model (only when a policy enables it), and the live policies with their guards (`proxy.reload`),
+which a reload swaps while streams in flight keep the policy they started with.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +27,8 @@ from proxy.guards import CompositeGuard, Guard, MarkerGuard, PatternGuard
 from proxy.metrics import Metrics
 from proxy.openai_relay import OpenAIRelay, error_response, parse_request
 from proxy.policy import Policy
+from proxy.reload import POLICY_STORE, PolicyStore, admin_reload, watch_ctx
+from proxy.selection import forwarded_headers
 from proxy.upstream import Upstream, client_timeout, read_body
 
 log = logging.getLogger("backtrack")
@@ -36,14 +40,13 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 UPSTREAM = web.AppKey("upstream", Upstream)
 SCORER = web.AppKey("scorer", object)
-GUARDS = web.AppKey("guards", dict[str, Guard])
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
-    app.cleanup_ctx.extend([upstream_ctx, guard_ctx])
+    app.cleanup_ctx.extend([upstream_ctx, guard_ctx, watch_ctx])
     app.on_cleanup.append(close_metrics)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -51,6 +54,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_post("/admin/reload", admin_reload)
     return app
 
 
@@ -106,7 +110,9 @@ async def guard_ctx(app: web.Application) -> AsyncIterator[None]:
         )
         await scorer.start()
         app[SCORER] = scorer
-    app[GUARDS] = {name: build_guard(policy, scorer) for name, policy in settings.policies.items()}
+    app[POLICY_STORE] = PolicyStore(
+        settings, functools.partial(build_guard, scorer=scorer), app[METRICS], model_loaded=scorer is not None
+    )
     try:
         yield
     finally:
@@ -175,14 +181,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def relay_openai(request: web.Request, *, chat: bool) -> web.StreamResponse:
     app = request.app
-    settings = app[SETTINGS]
+    live = app[POLICY_STORE].live  # read once: a reload mid-stream does not change this request's policy
+    tenant = live.authenticate(request.headers)
     req = parse_request(await read_request(request), chat=chat)
-    policy = settings.policy()
+    policy, guard = live.choose(tenant, req.model, request.path, request.headers)
     metrics = app[METRICS]
     route = request.path
     labels = Labels(policy.name, route, metrics.model_label(req.model))
-    guarded = GuardedResponse(policy, app[GUARDS][policy.name], req.prompt, metrics, labels)
-    relay = OpenAIRelay(req, app[UPSTREAM], guarded, request.path, dict(request.headers))
+    guarded = GuardedResponse(policy, guard, req.prompt, metrics, labels)
+    headers = forwarded_headers(request.headers, tenant)
+    relay = OpenAIRelay(req, app[UPSTREAM], guarded, request.path, headers)
     metrics.streams.labels(labels.policy, route, labels.model).inc()
     active = metrics.active_streams.labels(route)
     active.inc()
@@ -227,7 +235,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready = GUARDS in request.app and UPSTREAM in request.app
+    ready = POLICY_STORE in request.app and UPSTREAM in request.app
     return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
 
 

@@ -32,8 +32,9 @@ from proxy.config import load_settings
 from proxy.errors import GuardOverloaded
 from proxy.guards import Guard, GuardStream, Verdict
 from proxy.metrics import Metrics
+from proxy.reload import POLICY_STORE
 from proxy.replay import Row, create_replay_app
-from proxy.server import GUARDS, create_app
+from proxy.server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "monitoring" / "prometheus"
@@ -234,7 +235,8 @@ class FlakyGuard:
 
 
 async def flaky_guard(app: web.Application) -> AsyncIterator[None]:
-    app[GUARDS][POLICY] = FlakyGuard(app[GUARDS][POLICY], FLAKY.prompt or "")
+    guards = app[POLICY_STORE].live.guards
+    guards[POLICY] = FlakyGuard(guards[POLICY], FLAKY.prompt or "")
     yield
 
 

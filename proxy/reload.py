@@ -1,0 +1,228 @@
+"""Live policies, swapped whole: on a file change (polled mtimes), on SIGHUP, on `POST /admin/reload`.
+
+Theory of operation:
+- `PolicyStore.live` is one immutable `Live` snapshot: the policy set, its selector and one guard per
+  policy. A request reads it once and keeps the `Policy` and `Guard` it chose for its whole life, so a
+  stream in flight finishes on the policy it started with, and a new request sees the newest snapshot.
+- A reload reads and validates everything (config file, every policy file, the references between
+  them) before it builds the new snapshot's guards and swaps it in with one assignment. Any error leaves
+  the old snapshot serving; it is logged and counted in `backtrack_policy_reloads_total{result="error"}`.
+- Only the policies and the selection (`PolicySet`) are reloaded. The server, upstream, guard, redis
+  and admin sections are read at start; a changed one is logged as waiting for a restart. The guard
+  model is loaded once: an edit that enables it where it was not loaded is refused.
+- The watcher polls the files' (mtime, size) every `reload.poll_seconds`. A failed reload remembers the
+  files it saw, so a broken edit is reported once, and the next edit is tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from proxy.config import ConfigFile, Settings, load_policy_set, needs_model, policy_files, read_config
+from proxy.errors import ConfigError, Forbidden, Unauthorized
+from proxy.guards import Guard
+from proxy.metrics import Metrics
+from proxy.policy import Policy
+from proxy.selection import POLICY_HEADER, PolicySet, Selector, Tenant, presented_key
+
+log = logging.getLogger("backtrack")
+
+# Sections read once, at start: a reload leaves them as they were.
+RESTART_SECTIONS = ("server", "upstream", "guard", "redis", "admin", "reload")
+
+Snapshot = dict[Path, tuple[int, int] | None]  # path -> (mtime_ns, size), None when missing
+
+
+@dataclass(frozen=True)
+class Live:
+    """One generation of policies: what a request reads once and keeps."""
+
+    policy_set: PolicySet
+    selector: Selector
+    guards: dict[str, Guard]
+    generation: int
+
+    def authenticate(self, headers: Mapping[str, str]) -> Tenant | None:
+        """The request's tenant (None without tenants); raises `Unauthorized` for a missing or unknown key."""
+        return self.selector.authenticate(presented_key(headers))
+
+    def choose(
+        self, tenant: Tenant | None, model: str, route: str, headers: Mapping[str, str]
+    ) -> tuple[Policy, Guard]:
+        """The policy the request gets (see `proxy.selection`) and that policy's guard."""
+        choice = self.selector.choose(tenant, model, route, headers.get(POLICY_HEADER))
+        return choice.policy, self.guards[choice.policy.name]
+
+
+class PolicyStore:
+    def __init__(
+        self,
+        settings: Settings,
+        build_guard: Callable[[Policy], Guard],
+        metrics: Metrics,
+        *,
+        model_loaded: bool,
+    ) -> None:
+        self.settings = settings
+        self.build_guard = build_guard
+        self.metrics = metrics
+        self.model_loaded = model_loaded
+        self._live = self._make(settings.policy_set, generation=1)
+        self._lock = asyncio.Lock()
+        self._seen: Snapshot = self._stat(self._files(settings.file))
+
+    @property
+    def live(self) -> Live:
+        return self._live
+
+    async def reload(self, reason: str) -> Live:
+        """Read, validate and swap in the policies; raises `ConfigError` and keeps the old ones on error."""
+        async with self._lock:
+            before = self._stat(self._seen)  # taken first: an edit during the read shows at the next poll
+            try:
+                cfg, policy_set = await asyncio.to_thread(self._read)
+                live = self._make(policy_set, generation=self._live.generation + 1)
+            except ConfigError as exc:
+                # Watch what the broken edit names too: creating a policy file it lacks is the next edit.
+                self._seen = {**self._stat(self._named_files()), **before}
+                self.metrics.policy_reloads.labels("error").inc()
+                log.error(
+                    "policy reload (%s) refused; generation %d keeps serving:\n%s",
+                    reason, self._live.generation, exc.message,
+                )  # fmt: skip
+                raise
+            seen = self._stat(self._files(cfg))
+            self._seen = {path: before.get(path, stamp) for path, stamp in seen.items()}
+            self._live = live
+            self.metrics.policy_reloads.labels("ok").inc()
+            log.info(
+                "policies reloaded (%s): generation %d, policies %s",
+                reason, live.generation, ", ".join(sorted(policy_set.policies)),
+            )  # fmt: skip
+            return live
+
+    async def reload_logged(self, reason: str) -> None:
+        """`reload` for callers with no one to answer (the watcher, SIGHUP): errors are logged only."""
+        with contextlib.suppress(ConfigError):
+            await self.reload(reason)
+
+    async def watch(self, interval: float) -> None:
+        """Reload whenever a watched file's mtime or size changes; runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            if self._stat(self._seen) != self._seen:
+                await self.reload_logged("file change")
+
+    def _read(self) -> tuple[ConfigFile, PolicySet]:
+        path = self.settings.path
+        if path is None:
+            raise ConfigError("started without a config file: there is nothing to reload")
+        cfg = read_config(path)
+        policy_set = load_policy_set(cfg, path)
+        if needs_model(policy_set) and not self.model_loaded:
+            enabling = sorted(n for n, p in policy_set.policies.items() if p.detectors.model.enabled)
+            raise ConfigError(
+                f"{path}: policy {', '.join(enabling)} enables the guard model, which was not loaded at "
+                "start (no policy enabled it then); restart the proxy to load it"
+            )
+        changed = [s for s in RESTART_SECTIONS if getattr(cfg, s) != getattr(self.settings.file, s)]
+        if changed:
+            log.warning("%s: changes to %s take effect at the next start", path, ", ".join(changed))
+        return cfg, policy_set
+
+    def _named_files(self) -> list[Path]:
+        """The files the config file names now, if it can be read; else none."""
+        try:
+            return self._files(read_config(self.settings.path))
+        except ConfigError:
+            return []
+
+    def _make(self, policy_set: PolicySet, generation: int) -> Live:
+        guards = {name: self.build_guard(policy) for name, policy in policy_set.policies.items()}
+        return Live(policy_set, Selector(policy_set), guards, generation)
+
+    def _files(self, cfg: ConfigFile) -> list[Path]:
+        return [] if self.settings.path is None else policy_files(cfg, self.settings.path)
+
+    @staticmethod
+    def _stat(paths: list[Path] | Snapshot) -> Snapshot:
+        out: Snapshot = {}
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                out[path] = None
+            else:
+                out[path] = (st.st_mtime_ns, st.st_size)
+        return out
+
+
+POLICY_STORE = web.AppKey("policy_store", PolicyStore)
+
+
+# -- aiohttp glue ------------------------------------------------------------------------------------
+
+
+async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Poll the config and policy files while the app runs (when there is a file and polling is on)."""
+    store = app[POLICY_STORE]
+    interval = store.settings.file.reload.poll_seconds
+    task = None
+    if store.settings.path is not None and interval > 0:
+        task = asyncio.create_task(store.watch(interval), name="policy-watcher")
+    yield
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def sighup_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Reload on SIGHUP. For `backtrack serve` only: a signal handler belongs to the whole process."""
+    store = app[POLICY_STORE]
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(store.reload_logged("SIGHUP"))
+        pending.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    yield
+    loop.remove_signal_handler(signal.SIGHUP)
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
+def check_admin(request: web.Request) -> None:
+    """401 without a bearer token, 403 with a wrong one (or when no admin token is configured)."""
+    settings = request.app[POLICY_STORE].settings
+    expected = settings.admin_token
+    if expected is None:
+        raise Forbidden(f"The admin endpoints are off: set {settings.admin.token_env} to turn them on.")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("The admin endpoints need 'Authorization: Bearer TOKEN'.")
+    # Constant time: how long the comparison takes says nothing about how much of the token was right.
+    if not hmac.compare_digest(token.strip().encode(), expected.get_secret_value().encode()):
+        raise Forbidden("The admin token is wrong.")
+
+
+async def admin_reload(request: web.Request) -> web.Response:
+    """`POST /admin/reload`: 200 with the new generation, or 422 with the errors (the old ones serve)."""
+    check_admin(request)
+    try:
+        live = await request.app[POLICY_STORE].reload("POST /admin/reload")
+    except ConfigError as exc:
+        raise ConfigError(exc.message, status=422) from None
+    policies = sorted(live.policy_set.policies)
+    return web.json_response({"result": "ok", "generation": live.generation, "policies": policies})
