@@ -6,7 +6,11 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
+from harness import BENIGN, Harness, replay_stats
 
 from proxy.errors import ClientError, Forbidden, Unauthorized
 from proxy.policy import Policy
@@ -172,3 +176,46 @@ def test_the_key_is_read_from_bearer_auth_or_x_api_key(headers: dict[str, str], 
 def test_hash_key_is_the_sha256_hex_digest() -> None:
     # echo -n test | sha256sum
     assert hash_key("test") == "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+
+# -- through the proxy -------------------------------------------------------------------------------
+
+
+async def test_through_the_proxy_keys_choose_the_policy_and_stay_out_of_the_upstream(
+    harness: Harness,
+) -> None:
+    upstream = await harness.replay()
+    (harness.tmp_path / "policies").mkdir()
+    (harness.tmp_path / "policies" / "strict.yaml").write_text("holdback_tokens: 40\n", encoding="utf-8")
+    tenants = [
+        {
+            "name": "acme",
+            "key_sha256": [hash_key("sk-acme")],
+            "policy": "strict",
+            "allowed_policies": ["test"],
+        },
+        {"name": "globex", "key_sha256": [hash_key("sk-globex")]},
+    ]
+    extra = {"policies": {"strict": "policies/strict.yaml"}, "tenants": tenants}
+    root = await harness.proxy(upstream, extra=extra)
+    session = await harness.session()
+
+    async def ask(key: str | None, **headers: str) -> tuple[int, str | None, dict[str, Any]]:
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        request = {"model": "m", "messages": [{"role": "user", "content": BENIGN["prompt"]}]}
+        async with session.post(f"{root}/v1/chat/completions", json=request, headers=headers) as resp:
+            return resp.status, resp.headers.get("X-Backtrack-Policy"), await resp.json()
+
+    assert (await ask("sk-acme"))[:2] == (200, "strict")
+    assert (await ask("sk-acme", **{"X-Backtrack-Policy": "test"}))[:2] == (200, "test")
+    assert (await ask("sk-globex"))[:2] == (200, "test")  # the default policy
+    assert "sk-globex" not in json.dumps((await replay_stats(upstream))["last_headers"])
+
+    status, _, body = await ask(None)
+    assert (status, body["error"]["type"]) == (401, "authentication_error")
+    status, _, body = await ask("sk-nobody")
+    assert (status, body["error"]["message"]) == (401, "The API key is not one this proxy knows.")
+    status, _, body = await ask("sk-globex", **{"X-Backtrack-Policy": "strict"})
+    assert (status, body["error"]["type"]) == (403, "permission_error")
+    assert body["error"]["message"] == "X-Backtrack-Policy: policy 'strict' may not be chosen with this key."
