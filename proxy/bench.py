@@ -475,12 +475,14 @@ def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def _pair(values: dict[str, float | None], signed: bool = False) -> str:
+def format_pair(values: dict[str, float | None], signed: bool = False) -> str:
+    """`p50 / p99` of a quantile pair, – for a missing one."""
     spec = "+.2f" if signed else ".2f"
     return " / ".join("–" if values[q] is None else format(values[q], spec) for q in ("p50", "p99"))
 
 
-def _number(value: float | None, spec: str) -> str:
+def format_number(value: float | None, spec: str) -> str:
+    """`value` in `spec`, – for None."""
     return "–" if value is None else format(value, spec)
 
 
@@ -496,11 +498,11 @@ def markdown_table(report: dict[str, Any]) -> str:
         extra = added.get((row["path"], row["concurrency"]))
         lines.append(
             f"| {row['path']} | {row['concurrency']} | {row['requests']} | {row['errors']} | {row['chunks']} "
-            f"| {_pair(row['ttfb_ms'])} | {_pair(row['ttft_ms'])} "
-            f"| {_pair(row['gap_ms'])} | {_pair(row['lag_ms'])} "
-            f"| {_number(row['chunks_per_s'], '.0f')} | {_number(row['cpu_s_per_1k_chunks'], '.3f')} "
-            f"| {_pair(extra['ttft_ms'], signed=True) if extra else ''} "
-            f"| {_pair(extra['lag_ms'], signed=True) if extra else ''} |"
+            f"| {format_pair(row['ttfb_ms'])} | {format_pair(row['ttft_ms'])} "
+            f"| {format_pair(row['gap_ms'])} | {format_pair(row['lag_ms'])} "
+            f"| {format_number(row['chunks_per_s'], '.0f')} | {format_number(row['cpu_s_per_1k_chunks'], '.3f')} "
+            f"| {format_pair(extra['ttft_ms'], signed=True) if extra else ''} "
+            f"| {format_pair(extra['lag_ms'], signed=True) if extra else ''} |"
         )
     settings = report["settings"]
     rate = f"{settings['tokens_per_second']:g} tokens/s" if settings["tokens_per_second"] else "unthrottled"

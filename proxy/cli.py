@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from proxy import bench as proxy_bench
+    from proxy import bench_all
 
     proxy_bench.register_bench(bench)
+    bench_all.register_bench(bench)
     try:
         from guard import cli as guard_cli
     except ImportError:  # the guard package is optional for the proxy's own commands

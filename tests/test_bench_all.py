@@ -1,0 +1,150 @@
+"""`backtrack bench all`: tiny runs of every path; it runs, parses and writes its tables and plots.
+
+No timing is asserted anywhere: the numbers depend on the machine. The guard path runs a tiny random
+guard built here (no download, a head that never fires). The LiteLLM path runs only where
+`backtrack bench all` has already installed LiteLLM's virtualenv: the tests never install it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from proxy.bench_all import DEFAULT_LITELLM_VENV, litellm_config, litellm_installed, sustained
+from proxy.cli import main
+
+WORDS = "bed holds red white blue yellow purple tulips roses irises daffodils asters describe the garden"
+
+
+def children() -> set[str]:
+    """Process ids of this process's children that still exist."""
+    return {
+        pid for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_guard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A guard checkpoint on a random 2-layer BERT (hidden 32) whose head never fires."""
+    import torch
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import BertConfig, BertModel
+
+    from guard.model import from_base, save_checkpoint
+
+    base = tmp_path_factory.mktemp("tiny-bert")
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[RESET]", *WORDS.split(), ".", *"0123456789"]
+    vocab += letters + ["##" + c for c in letters]
+    BertWordPieceTokenizer({w: i for i, w in enumerate(vocab)}, lowercase=True).save(
+        str(base / "tokenizer.json")
+    )
+    (base / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=512,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(str(base))
+    model = from_base(str(base), n_trainable_layers=1, max_prompt_tokens=8, consecutive=2)
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.constant_(model.head.bias, -10.0)
+    folder = tmp_path_factory.mktemp("tiny-guard")
+    save_checkpoint(model, folder)
+    return folder
+
+
+def test_a_tiny_run_of_direct_backtrack_and_the_guard_writes_tables_json_and_plots(
+    tiny_guard: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = children()
+    code = main(
+        ["bench", "all", "--concurrency", "1,2", "--rates", "0,500", "--seconds", "0.2",
+         "--max-seconds", "30", "--checkpoint", str(tiny_guard), "--guard-streams", "1,2", "--skip-litellm",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "bench-all.json").read_text(encoding="utf-8"))
+    table = (tmp_path / "bench-all.md").read_text(encoding="utf-8")
+    assert code == 0
+    assert children() <= before
+    paths = ["direct", "backtrack", "backtrack+guard"]
+    assert [(r["rate"], r["concurrency"], r["path"]) for r in report["results"]] == [
+        (rate, n, path) for rate in (None, 500.0) for n in (1, 2) for path in paths
+    ]
+    assert all(r["errors"] == 0 and r["cut"] == 0 and r["chunks"] >= r["requests"] for r in report["results"])
+    assert all(r["unjudged"] >= 0 for r in report["results"] if r["path"] == "backtrack+guard")
+    # Whether a paced run kept pace is a timing: only its presence is checked.
+    assert [type(r["sustained"]) for r in report["results"]] == [type(None)] * 6 + [bool] * 6
+    assert {(p["rate"], p["path"]) for p in report["peaks"]} == {(r, p) for r in (None, 500.0) for p in paths}
+    assert all(p["peak_rss_bytes"] > 0 for p in report["peaks"])
+    assert [row["streams"] for row in report["guard_roofline"]["rows"]] == [1, 2]
+    assert set(report["summary"]["sustained_streams"]) == set(paths)
+    targets = report["summary"]["targets"]
+    assert len({t["target"] for t in targets}) == 4  # every target is listed, measured or not
+    assert all(t["met"] is None for t in targets if "LiteLLM" in t["target"])  # no LiteLLM to compare
+    assert [t["where"] for t in targets if t["target"].startswith("guard on")] == ["not run"]  # 50/s only
+    assert report["command"].startswith("backtrack bench all --concurrency 1,2 --rates 0,500 ")
+    assert table.startswith("Machine: ")
+    assert "### Upstream 500 tokens/s" in table and "### Guard against its roofline" in table
+    assert table.strip() in printed
+    for name in ("bench-all-unthrottled.png", "bench-all-500tps.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.skipif(
+    not litellm_installed(DEFAULT_LITELLM_VENV),
+    reason=f"LiteLLM's virtualenv {DEFAULT_LITELLM_VENV} is not installed: `backtrack bench all` installs it "
+    "on first use; the tests never do",
+)
+def test_a_tiny_run_through_litellm_gives_the_ratios_to_it(tmp_path: Path) -> None:
+    before = children()
+    code = main(
+        ["bench", "all", "--concurrency", "1", "--rates", "0", "--seconds", "0.2", "--skip-guard",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+
+    report = json.loads((tmp_path / "bench-all.json").read_text(encoding="utf-8"))
+    assert code == 0
+    assert children() <= before
+    assert [r["path"] for r in report["results"]] == ["direct", "backtrack", "litellm"]
+    assert all(r["errors"] == 0 and r["cut"] == 0 for r in report["results"])
+    ratios = {r["path"]: r for r in report["summary"]["ratios"]}
+    assert ratios["backtrack"]["cpu_vs_litellm"] is not None
+    assert ratios["backtrack"]["added_ttft_vs_litellm"] is not None
+
+
+def test_litellm_gets_one_model_per_upstream_and_its_own_master_key() -> None:
+    config = litellm_config(
+        {"replay-unthrottled": "http://127.0.0.1:1", "replay-50tps": "http://127.0.0.1:2"}, "sk-x"
+    )
+
+    assert [(m["model_name"], m["litellm_params"]["api_base"]) for m in config["model_list"]] == [
+        ("replay-unthrottled", "http://127.0.0.1:1/v1"), ("replay-50tps", "http://127.0.0.1:2/v1"),
+    ]  # fmt: skip
+    assert config["general_settings"]["master_key"] == "sk-x"
+    assert config["litellm_settings"]["callbacks"] == []
+
+
+def test_a_paced_run_is_sustained_only_without_failures_cuts_unjudged_text_or_lagging_answers() -> None:
+    def row(**changes: object) -> dict[str, object]:
+        return {"rate": 50.0, "errors": 0, "cut": 0, "unjudged": 0, "slowdown": {"p99": 1.02}, **changes}
+
+    assert sustained(row()) is True
+    assert sustained(row(rate=None)) is None
+    assert sustained(row(errors=1)) is False
+    assert sustained(row(cut=3)) is False
+    assert sustained(row(unjudged=5.0)) is False
+    assert sustained(row(slowdown={"p99": 1.5})) is False
+    assert sustained(row(slowdown={"p99": None})) is False
+
+
+def test_bad_options_are_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    before = children()
+
+    assert main(["bench", "all", "--seconds", "5", "--max-seconds", "1"]) == 2
+    assert children() <= before
+    assert "--max-seconds" in capsys.readouterr().err
