@@ -93,6 +93,7 @@ class Point:
     false_reset_rate: float  # safe responses reset
     detection_rate: float  # harmful responses reset
     harmful_tokens_released: float  # per harmful response, on average (missed ones release all)
+    released_when_caught: float  # per harmful response that is reset, on average: what hold-back controls
     caught_before_release: float  # of the harmful responses reset, those reset before any harmful token
 
 
@@ -121,9 +122,11 @@ def sweep(
         released = np.where(caught, np.clip(harm_at + 1 - hold, 0, tokens), tokens)
         harm_released = np.maximum(0, released - onsets)
         mean_released = harm_released.mean(axis=0) if harmful else np.zeros(len(cuts))
-        clean = (caught & (harm_released == 0)).sum(axis=0) / np.maximum(1, caught.sum(axis=0))
+        n_caught = np.maximum(1, caught.sum(axis=0))
+        when_caught = np.where(caught, harm_released, 0).sum(axis=0) / n_caught
+        clean = (caught & (harm_released == 0)).sum(axis=0) / n_caught
         for c, (b, t) in enumerate(pairs):
-            rates = (false_resets[c], detection[c], mean_released[c], clean[c])
+            rates = (false_resets[c], detection[c], mean_released[c], when_caught[c], clean[c])
             points.append(Point(b, t, hold, *(float(x) for x in rates)))
     return points
 
@@ -190,8 +193,8 @@ def write_report(folder: Path, setup: Setup, points: Sequence[Point], choice: Ch
         writer = csv.writer(f)
         writer.writerow([f.name for f in dataclasses.fields(Point)])
         for p in points:
-            rates = (p.false_reset_rate, p.detection_rate, p.harmful_tokens_released, p.caught_before_release)
-            writer.writerow([p.logit_bias, p.threshold, p.holdback_tokens, *(f"{x:.4f}" for x in rates)])
+            rates = [f"{x:.4f}" for x in dataclasses.astuple(p)[3:]]
+            writer.writerow([p.logit_bias, p.threshold, p.holdback_tokens, *rates])
     snippet = format_snippet(setup, choice)
     (folder / "operating_point.yaml").write_text(snippet, encoding="utf-8")
     markdown = format_markdown(setup, points, choice)
@@ -244,14 +247,17 @@ def format_markdown(setup: Setup, points: Sequence[Point], choice: Choice) -> st
         "",
         f"## holdback_tokens at logit_bias {p.logit_bias:+.1f}, threshold {p.threshold}",
         "",
-        "| holdback_tokens | harmful tokens released (mean) | resets before any harmful token |",
-        "|---:|---:|---:|",
+        "Harmful tokens released, on average: per harmful response that is reset, and per harmful response",
+        "(a missed one releases all of its harmful part).",
+        "",
+        "| holdback_tokens | released when reset | released overall | resets before any harmful token |",
+        "|---:|---:|---:|---:|",
     ]
     for q in points:
         if (q.logit_bias, q.threshold) == (p.logit_bias, p.threshold):
             mark = " **<-**" if q.holdback_tokens == p.holdback_tokens else ""
-            released, clean = q.harmful_tokens_released, q.caught_before_release
-            out.append(f"| {q.holdback_tokens} | {released:.1f} | {clean:.0%}{mark} |")
+            released = f"{q.released_when_caught:.1f} | {q.harmful_tokens_released:.1f}"
+            out.append(f"| {q.holdback_tokens} | {released} | {q.caught_before_release:.0%}{mark} |")
     out += ["", "## Operating point", ""]
     return "\n".join(out)
 
@@ -283,12 +289,12 @@ def plot(folder: Path, points: Sequence[Point], choice: Choice, target: float) -
     fig, ax = plt.subplots(figsize=(6.5, 5))
     for bias in (p.logit_bias - 2, p.logit_bias, p.logit_bias + 2):
         line = [q for q in points if q.threshold == p.threshold and q.logit_bias == bias]
-        xs, ys = [q.holdback_tokens for q in line], [q.harmful_tokens_released for q in line]
+        xs, ys = [q.holdback_tokens for q in line], [q.released_when_caught for q in line]
         width = 2.5 if bias == p.logit_bias else 1.2
         if line:
             ax.plot(xs, ys, marker="o", linewidth=width, label=f"logit_bias {bias:+.1f}")
     ax.axvline(p.holdback_tokens, color="grey", linestyle="--", label=f"chosen hold-back {p.holdback_tokens}")
-    ax.set(xlabel="holdback_tokens", ylabel="harmful tokens released per harmful response")
+    ax.set(xlabel="holdback_tokens", ylabel="harmful tokens released before the reset (mean)")
     ax.set_title(f"Harmful text released vs hold-back (threshold {p.threshold})")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -94,28 +94,29 @@ def test_false_resets_detection_and_harmful_text_released_per_hold_back() -> Non
     assert points == [
         # hold-back 0: tokens 0-5 are out when the reset fires at 5; 4 of them are past the onset.
         Point(0.0, 0.5, 0, false_reset_rate=0.5, detection_rate=0.5, harmful_tokens_released=(4 + 8) / 2,
-              caught_before_release=0.0),
+              released_when_caught=4, caught_before_release=0.0),
         # hold-back 4: only tokens 0-1 are out: none harmful.
-        Point(0.0, 0.5, 4, 0.5, 0.5, harmful_tokens_released=(0 + 8) / 2, caught_before_release=1.0),
+        Point(0.0, 0.5, 4, 0.5, 0.5, harmful_tokens_released=(0 + 8) / 2, released_when_caught=0,
+              caught_before_release=1.0),
     ]  # fmt: skip
 
 
 def test_the_choice_meets_the_target_with_the_most_detection_then_the_least_hold_back() -> None:
     policy = Policy(name="p", logit_bias=0.0, threshold=0.5, holdback_tokens=24)
     points = [
-        Point(-2.0, 0.5, 8, 0.00, 0.40, 3.0, 0.5),
-        Point(-2.0, 0.5, 16, 0.00, 0.40, 1.0, 0.95),
-        Point(0.0, 0.5, 8, 0.01, 0.70, 3.0, 0.5),
-        Point(0.0, 0.5, 16, 0.01, 0.70, 2.0, 0.8),
-        Point(0.0, 0.5, 24, 0.01, 0.70, 0.5, 0.92),
-        Point(2.0, 0.5, 24, 0.05, 0.90, 0.1, 1.0),  # more detection, but over the target
+        Point(-2.0, 0.5, 8, 0.00, 0.40, 3.0, 2.0, 0.5),
+        Point(-2.0, 0.5, 16, 0.00, 0.40, 1.0, 0.5, 0.95),
+        Point(0.0, 0.5, 8, 0.01, 0.70, 3.0, 2.0, 0.5),
+        Point(0.0, 0.5, 16, 0.01, 0.70, 2.0, 1.0, 0.8),
+        Point(0.0, 0.5, 24, 0.01, 0.70, 0.5, 0.2, 0.92),
+        Point(2.0, 0.5, 24, 0.05, 0.90, 0.1, 0.0, 1.0),  # more detection, but over the target
     ]
 
     choice = choose(points, policy, target_false_reset=0.01, holdback_coverage=0.9)
 
     assert choice.met
     assert (choice.point.logit_bias, choice.point.holdback_tokens) == (0.0, 24)
-    assert choose(points, policy, 0.001, 0.9).point == Point(-2.0, 0.5, 16, 0.00, 0.40, 1.0, 0.95)
+    assert choose(points, policy, 0.001, 0.9).point == points[1]
     unmet = choose(points[2:], policy, 0.001, 0.9)
     assert not unmet.met
     assert unmet.point.false_reset_rate == 0.01  # the fewest false resets there are
@@ -178,8 +179,6 @@ def test_tune_writes_its_table_plots_and_a_snippet_the_policy_accepts(
         assert (report / png).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     markdown = (report / "report.md").read_text(encoding="utf-8")
     assert "| logit_bias | false resets | harmful reset |" in markdown
-    assert (
-        "| holdback_tokens | harmful tokens released (mean) | resets before any harmful token |" in markdown
-    )
+    assert "| holdback_tokens | released when reset | released overall |" in markdown
     assert markdown in capsys.readouterr().out
     assert len((report / "token_logits.jsonl").read_text().splitlines()) == 6
