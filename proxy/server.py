@@ -221,7 +221,9 @@ async def read_request(request: web.Request) -> bytes:
 
 
 async def models(request: web.Request) -> web.Response:
-    async with request.app[UPSTREAM].request("GET", "/v1/models", dict(request.headers)) as up:
+    tenant = request.app[POLICY_STORE].live.authenticate(request.headers)
+    headers = forwarded_headers(request.headers, tenant)
+    async with request.app[UPSTREAM].request("GET", "/v1/models", headers) as up:
         body = await read_body(up, limit=4 * 1024 * 1024)
         try:
             json.loads(body)

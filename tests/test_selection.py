@@ -219,3 +219,14 @@ async def test_through_the_proxy_keys_choose_the_policy_and_stay_out_of_the_upst
     status, _, body = await ask("sk-globex", **{"X-Backtrack-Policy": "strict"})
     assert (status, body["error"]["type"]) == (403, "permission_error")
     assert body["error"]["message"] == "X-Backtrack-Policy: policy 'strict' may not be chosen with this key."
+
+
+async def test_the_model_list_needs_a_key_too(harness: Harness) -> None:
+    upstream = await harness.replay()
+    root = await harness.proxy(upstream, extra={"tenants": [{"name": "a", "key_sha256": [hash_key("sk-a")]}]})
+    session = await harness.session()
+
+    async with session.get(f"{root}/v1/models") as resp:
+        assert resp.status == 401
+    async with session.get(f"{root}/v1/models", headers={"Authorization": "Bearer sk-a"}) as resp:
+        assert resp.status == 200
