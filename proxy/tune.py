@@ -354,7 +354,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", type=Path, nargs="+", required=True, help="JSONL files in the shared schema")
     p.add_argument("--policy", required=True, help="policy name (policies/NAME.yaml) or YAML path")
     p.add_argument("--report", type=Path, required=True, help="folder for the table, plots and snippet")
-    p.add_argument("--target-false-reset", type=float, default=0.01, help="most safe responses reset")
+    p.add_argument(
+        "--target-false-reset",
+        type=float,
+        default=0.01,
+        help="the share of safe responses that may be reset (default 0.01)",
+    )
     p.add_argument(
         "--holdback-coverage", type=float, default=0.9,
         help="share of resets that should come before any harmful token is released",

@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
 import pytest
 from harness import BENIGN, Harness, replay_stats
 
+from proxy.cli import main
 from proxy.errors import ClientError, Forbidden, Unauthorized
 from proxy.policy import Policy
 from proxy.selection import PolicySet, Rule, Selector, Tenant, hash_key, presented_key
@@ -230,3 +232,12 @@ async def test_the_model_list_needs_a_key_too(harness: Harness) -> None:
         assert resp.status == 401
     async with session.get(f"{root}/v1/models", headers={"Authorization": "Bearer sk-a"}) as resp:
         assert resp.status == 200
+
+
+def test_backtrack_hash_key_reads_the_key_from_stdin(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("test\n"))
+
+    assert main(["hash-key"]) == 0
+    assert capsys.readouterr().out == hash_key("test") + "\n"
