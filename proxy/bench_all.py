@@ -372,7 +372,7 @@ def _model_name(rate: float | None) -> str:
 
 
 def machine() -> dict[str, Any]:
-    """What the numbers ran on: CPUs, their model, memory, the load average."""
+    """What the numbers ran on: CPUs, their model, the load average, the code's commit."""
     model = next(
         (
             line.split(":", 1)[1].strip()
@@ -387,7 +387,17 @@ def machine() -> dict[str, Any]:
         "loadavg": os.getloadavg(),
         "python": platform.python_version(),
         "kernel": platform.release(),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str | None:
+    """`git describe` of the code measured; `-dirty` when the working tree differs from it."""
+    done = subprocess.run(
+        ["git", "-C", str(PACKAGE_ROOT), "describe", "--always", "--dirty"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
 async def guard_roofline(checkpoint: Path, streams: list[int], threads: int) -> dict[str, Any]:
@@ -557,7 +567,7 @@ def markdown(report: dict[str, Any]) -> str:
     settings = report["settings"]
     lines = [
         f"Machine: {m['nproc']} CPUs, {m['cpu_model']}; load average at the end "
-        f"{' / '.join(f'{x:.2f}' for x in m['loadavg'])}; Python {m['python']}.",
+        f"{' / '.join(f'{x:.2f}' for x in m['loadavg'])}; Python {m['python']}; code at {m['commit']}.",
         f"Command: `{report['command']}`. Guard checkpoint: {settings['checkpoint'] or 'not run'}; "
         f"LiteLLM: {settings['litellm'] or 'not run'}. HTTP part: {settings['http_seconds']:.0f} s.",
         "",
@@ -668,21 +678,27 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
                 if not points:
                     continue
                 xs = [x for x, _ in points]
-                (line,) = ax.plot(xs, [v["p50"] for _, v in points], marker="o", label=f"{path} p50")
-                ax.plot(xs, [v["p99"] for _, v in points], marker="x", linestyle="--",
-                        color=line.get_color(), label=f"{path} p99")  # fmt: skip
-            ax.set(xscale="log", yscale="symlog", xlabel="concurrent streams", title=title)
-            ax.grid(True, alpha=0.3)
+                (line,) = ax.plot(xs, [v["p50"] for _, v in points], marker="o", label=path)
+                ax.plot(xs, [v["p99"] for _, v in points], marker="x", linestyle="--", color=line.get_color())
+            # Gaps run from hundredths of a ms to seconds; symlog keeps a zero gap on the chart.
+            ax.set_yscale("symlog", linthresh=0.1)
+            ax.set_ylim(bottom=0)
+            ax.set(title=f"{title}, p50 solid, p99 dashed")
+        if rate:
+            axes[1].axhline(1000 / rate, color="grey", linewidth=0.8, label="upstream's pace")
         for path in PATHS:
             points = [(r["concurrency"], r["cpu_s_per_1k_chunks"]) for r in rows if r["path"] == path]
             if points:
                 axes[2].plot([x for x, _ in points], [v for _, v in points], marker="o", label=path)
-        axes[2].set(
-            xscale="log", yscale="log", xlabel="concurrent streams", title="server CPU s / 1,000 chunks"
-        )
-        axes[2].grid(True, alpha=0.3)
-        axes[0].legend(fontsize=7)
-        axes[2].legend(fontsize=7)
+        axes[2].set(yscale="log", title="server CPU s / 1,000 chunks")
+        levels = sorted({r["concurrency"] for r in rows})
+        for ax in axes:
+            ax.set_xscale("log")
+            ax.set_xticks(levels, [str(n) for n in levels])
+            ax.minorticks_off()
+            ax.set_xlabel("concurrent streams")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
         fig.suptitle(f"backtrack bench all — upstream {_rate_label(rate)}, {report['machine']['nproc']} CPUs")
         fig.tight_layout()
         png = out / f"bench-all-{_model_name(rate).removeprefix('replay-')}.png"
