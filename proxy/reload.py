@@ -60,8 +60,13 @@ class Live:
         self, tenant: Tenant | None, model: str, route: str, headers: Mapping[str, str]
     ) -> tuple[Policy, Guard]:
         """The policy the request gets (see `proxy.selection`) and that policy's guard."""
-        choice = self.selector.choose(tenant, model, route, headers.get(POLICY_HEADER))
+        requested = headers.get(POLICY_HEADER, "").strip() or None  # an empty header asks for nothing
+        choice = self.selector.choose(tenant, model, route, requested)
         return choice.policy, self.guards[choice.policy.name]
+
+
+# Told of every reload attempt, after it: (reason, the snapshot serving now, the error if refused).
+ReloadListener = Callable[[str, Live, ConfigError | None], None]
 
 
 class PolicyStore:
@@ -80,6 +85,7 @@ class PolicyStore:
         self._live = self._make(settings.policy_set, generation=1)
         self._lock = asyncio.Lock()
         self._seen: Snapshot = self._stat(self._files(settings.file))
+        self.listeners: list[ReloadListener] = []  # e.g. `proxy.shared` tells the other replicas
 
     @property
     def live(self) -> Live:
@@ -100,6 +106,7 @@ class PolicyStore:
                     "policy reload (%s) refused; generation %d keeps serving:\n%s",
                     reason, self._live.generation, exc.message,
                 )  # fmt: skip
+                self._tell(reason, exc)
                 raise
             seen = self._stat(self._files(cfg))
             self._seen = {path: before.get(path, stamp) for path, stamp in seen.items()}
@@ -109,7 +116,12 @@ class PolicyStore:
                 "policies reloaded (%s): generation %d, policies %s",
                 reason, live.generation, ", ".join(sorted(policy_set.policies)),
             )  # fmt: skip
+            self._tell(reason, None)
             return live
+
+    def _tell(self, reason: str, error: ConfigError | None) -> None:
+        for listener in self.listeners:
+            listener(reason, self._live, error)
 
     async def reload_logged(self, reason: str) -> None:
         """`reload` for callers with no one to answer (the watcher, SIGHUP): errors are logged only."""

@@ -17,6 +17,8 @@ response token's logit is kept; the sweep afterwards runs no model.
   is within the target, the one that resets the most harmful responses (ties: fewer false resets, then
   the policy's own threshold, then the bias nearest the policy's); then the smallest hold-back at which
   `--holdback-coverage` of those resets come before any harmful token is released.
+- The sweep takes every token as judged (`score_every_tokens: 1`); a larger value delays each verdict by
+  up to that many tokens, which a hold-back at least that large absorbs.
 
 Writes to the report folder: `sweep.csv` (the whole grid), `report.md` (the tables), two PNG plots,
 `operating_point.yaml` (the snippet) and `token_logits.jsonl` (the kept scores, one row per response).

@@ -212,6 +212,7 @@ async def test_through_the_proxy_keys_choose_the_policy_and_stay_out_of_the_upst
     assert (await ask("sk-acme"))[:2] == (200, "strict")
     assert (await ask("sk-acme", **{"X-Backtrack-Policy": "test"}))[:2] == (200, "test")
     assert (await ask("sk-globex"))[:2] == (200, "test")  # the default policy
+    assert (await ask("sk-globex", **{"X-Backtrack-Policy": " "}))[:2] == (200, "test")  # asks for nothing
     assert "sk-globex" not in json.dumps((await replay_stats(upstream))["last_headers"])
 
     status, _, body = await ask(None)
