@@ -500,7 +500,8 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"| {row['path']} | {row['concurrency']} | {row['requests']} | {row['errors']} | {row['chunks']} "
             f"| {format_pair(row['ttfb_ms'])} | {format_pair(row['ttft_ms'])} "
             f"| {format_pair(row['gap_ms'])} | {format_pair(row['lag_ms'])} "
-            f"| {format_number(row['chunks_per_s'], '.0f')} | {format_number(row['cpu_s_per_1k_chunks'], '.3f')} "
+            f"| {format_number(row['chunks_per_s'], '.0f')} "
+            f"| {format_number(row['cpu_s_per_1k_chunks'], '.3f')} "
             f"| {format_pair(extra['ttft_ms'], signed=True) if extra else ''} "
             f"| {format_pair(extra['lag_ms'], signed=True) if extra else ''} |"
         )
