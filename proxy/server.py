@@ -20,15 +20,19 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy.audit import RequestInfo
 from proxy.config import Settings
-from proxy.errors import BacktrackError, ClientError, PayloadTooLarge, UpstreamError
+from proxy.dialects import anthropic, ollama, openai
+from proxy.dialects.base import DialectRequest
+from proxy.errors import BacktrackError, ClientError, PayloadTooLarge, TooManyRequests, UpstreamError
 from proxy.guarded import GuardedResponse, Labels
 from proxy.guards import CompositeGuard, Guard, MarkerGuard, PatternGuard
 from proxy.metrics import Metrics
-from proxy.openai_relay import OpenAIRelay, error_response, parse_request
 from proxy.policy import Policy
+from proxy.relay import Relay, error_response
 from proxy.reload import POLICY_STORE, PolicyStore, admin_reload, watch_ctx
 from proxy.selection import forwarded_headers
+from proxy.shared import SHARED, fleet_reloads, shared_ctx
 from proxy.upstream import Upstream, client_timeout, read_body
 
 log = logging.getLogger("backtrack")
@@ -46,15 +50,21 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
-    app.cleanup_ctx.extend([upstream_ctx, guard_ctx, watch_ctx])
+    # Shared state after the policies (it follows their reloads), before the file watcher.
+    shared = functools.partial(shared_ctx, settings, app[METRICS])
+    app.cleanup_ctx.extend([upstream_ctx, guard_ctx, shared, watch_ctx])
     app.on_cleanup.append(close_metrics)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/api/chat", ollama_chat)
+    app.router.add_post("/api/generate", ollama_generate)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_post("/admin/reload", admin_reload)
+    app.router.add_get("/admin/reloads", fleet_reloads)
     return app
 
 
@@ -154,43 +164,62 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except BacktrackError as exc:
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.path, exc.message)
-        return error_response(exc)
+        response = error_response(exc, request.path)
+        if isinstance(exc, TooManyRequests):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(
-            ClientError(f"{exc.reason}: {request.method} {request.path}", status=exc.status)
-        )
+        error = ClientError(f"{exc.reason}: {request.method} {request.path}", status=exc.status)
+        return error_response(error, request.path)
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
-        return error_response(BacktrackError("internal error in the proxy"))
+        return error_response(BacktrackError("internal error in the proxy"), request.path)
 
 
 # -- handlers ----------------------------------------------------------------------------------------
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await relay_openai(request, chat=True)
+    return await relay(request, functools.partial(openai.parse_request, chat=True))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await relay_openai(request, chat=False)
+    return await relay(request, functools.partial(openai.parse_request, chat=False))
 
 
-async def relay_openai(request: web.Request, *, chat: bool) -> web.StreamResponse:
+async def messages(request: web.Request) -> web.StreamResponse:
+    return await relay(request, anthropic.parse_request)
+
+
+async def ollama_chat(request: web.Request) -> web.StreamResponse:
+    return await relay(request, functools.partial(ollama.parse_request, chat=True))
+
+
+async def ollama_generate(request: web.Request) -> web.StreamResponse:
+    return await relay(request, functools.partial(ollama.parse_request, chat=False))
+
+
+async def relay(request: web.Request, parse: Callable[[bytes], DialectRequest]) -> web.StreamResponse:
+    """Guard one response in the dialect `parse` reads: the same loop for every route."""
     app = request.app
     live = app[POLICY_STORE].live  # read once: a reload mid-stream does not change this request's policy
     tenant = live.authenticate(request.headers)
-    req = parse_request(await read_request(request), chat=chat)
+    req = parse(await read_request(request))
     policy, guard = live.choose(tenant, req.model, request.path, request.headers)
+    shared = app[SHARED]
+    policy, guard = await shared.escalate(live, tenant, policy, guard)  # the tenant's strikes
     metrics = app[METRICS]
     route = request.path
     labels = Labels(policy.name, route, metrics.model_label(req.model))
-    guarded = GuardedResponse(policy, guard, req.prompt, metrics, labels)
+    info = RequestInfo.of(request.headers, request.path, tenant, req.model, req.prompt)
+    observe = shared.observer(live, policy, info)  # resets and flags: audit events, strikes
+    guarded = GuardedResponse(policy, guard, req.prompt, metrics, labels, on_event=observe)
     headers = forwarded_headers(request.headers, tenant)
-    relay = OpenAIRelay(req, app[UPSTREAM], guarded, request.path, headers)
+    relay = Relay(req, app[UPSTREAM], guarded, request.path, headers)
     metrics.streams.labels(labels.policy, route, labels.model).inc()
     active = metrics.active_streams.labels(route)
     active.inc()
@@ -238,7 +267,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     ready = POLICY_STORE in request.app and UPSTREAM in request.app
-    return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
+    body: dict[str, object] = {"status": "ready" if ready else "starting"}
+    if SHARED in request.app:  # still ready without the store: the proxy serves through its outages
+        body["shared_state"] = request.app[SHARED].status()
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

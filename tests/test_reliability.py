@@ -500,6 +500,13 @@ async def test_unknown_routes_and_methods_answer_in_openai_format(harness: Harne
 STREAMING_REQUESTS = {
     CHAT: chat_request(MARKED["prompt"], stream=True),
     COMPLETIONS: {"model": "m", "prompt": MARKED["prompt"], "stream": True},
+    "/v1/messages": {**chat_request(MARKED["prompt"], stream=True), "max_tokens": 100},
+    "/api/chat": chat_request(MARKED["prompt"], stream=True),
+    "/api/generate": {"model": "m", "prompt": MARKED["prompt"], "stream": True},
+}
+# How each route's reset looks on the wire (DESIGN.md's contract).
+RESET_ON_THE_WIRE = {
+    "/v1/messages": 'event: backtrack_reset\ndata: {"type":"backtrack_reset","event":"reset"',
 }
 
 
@@ -519,4 +526,4 @@ async def test_every_route_that_can_stream_is_guarded(harness: Harness) -> None:
             _, _, body = await post(harness, f"{proxy}{path}", json=variant)
             assert "[RESET]" not in body
             assert "tension wrench" not in body
-            assert '"backtrack":{"event":"reset"' in body
+            assert RESET_ON_THE_WIRE.get(path, '"backtrack":{"event":"reset"') in body
