@@ -1,4 +1,4 @@
-"""The `backtrack` command: serve, replay-upstream, hash-key, tune, train, eval, bench."""
+"""The `backtrack` command: serve, replay-upstream, hash-key, audit, tune, train, eval, bench."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=serve_command)
 
-    from proxy import replay, selection, tune
+    from proxy import audit, replay, selection, tune
 
+    audit.register(sub)
     replay.register(sub)
     selection.register(sub)
     tune.register(sub)

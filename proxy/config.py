@@ -7,7 +7,7 @@ policies: name -> policy file; `default_policy` names the one used when nothing 
 tenants:  proxy API keys (as sha256 digests), each with its policy, rules and the policies it may ask for
 rules:    model and route globs -> policy (see `proxy.selection` for the precedence)
 reload:   how often the config and policy files are checked for changes
-redis:    url (BACKTRACK_REDIS_URL overrides it); none = in-memory state
+redis:    url (BACKTRACK_REDIS_URL overrides it; none = in-memory state), key prefix, audit bounds
 admin:    the environment variable holding the admin token
 
 A reload (`proxy.reload`) re-reads the file and takes the policies and the selection (`PolicySet`); the
@@ -66,6 +66,12 @@ class GuardConfig(_Frozen):
 
 class RedisConfig(_Frozen):
     url: str | None = None
+    # Keys and channels start with it: replicas that share it share state; tests keep apart by it.
+    prefix: str = Field("backtrack", pattern=r"^[A-Za-z0-9_.:-]+$")
+    audit_maxlen: int = Field(100_000, ge=100)  # the audit stream keeps about this many events
+    # Audit events held in memory while Redis is unreachable; past it the oldest are dropped (counted).
+    spool_size: int = Field(10_000, ge=1)
+    health_seconds: float = Field(1.0, gt=0.0, le=60.0)  # how often an outage is checked for its end
 
 
 class AdminConfig(_Frozen):

@@ -5,7 +5,8 @@
     ├── ClientError           the client's request is wrong (400)
     │   ├── PayloadTooLarge   the body is over the size limit (413)
     │   ├── Unauthorized      a missing or unknown proxy key or admin token (401)
-    │   └── Forbidden         a known key asking for what it may not have (403)
+    │   ├── Forbidden         a known key asking for what it may not have (403)
+    │   └── TooManyRequests   a tenant past its policy's strike limit (429, with Retry-After)
     ├── UpstreamError         the upstream is unreachable, timed out or answered badly (502)
     │   └── UpstreamTimeout   the upstream did not answer in time (504)
     └── GuardError            the guard could not score in time or failed; the policy's fail mode applies
@@ -50,6 +51,15 @@ class Unauthorized(ClientError):
 class Forbidden(ClientError):
     status = 403
     kind = "permission_error"
+
+
+class TooManyRequests(ClientError):
+    status = 429
+    kind = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # whole seconds, for the Retry-After header
 
 
 class UpstreamError(BacktrackError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.engine import Flagged, Output, ResetEvent, State, StreamEngine
@@ -48,7 +49,13 @@ class Labels:
 
 class GuardedResponse:
     def __init__(
-        self, policy: Policy, guard: Guard, prompt: str | None, metrics: Metrics, labels: Labels
+        self,
+        policy: Policy,
+        guard: Guard,
+        prompt: str | None,
+        metrics: Metrics,
+        labels: Labels,
+        on_event: Callable[[ResetEvent | Flagged], None] | None = None,
     ) -> None:
         self.policy = policy
         self.guard = guard
@@ -56,6 +63,7 @@ class GuardedResponse:
         self.metrics = metrics
         self.labels = labels
         self.runs: dict[int, ChoiceRun] = {}
+        self.on_event = on_event  # told of each reset and flag (the audit log, strikes)
 
     def run(self, index: int) -> ChoiceRun:
         run = self.runs.get(index)
@@ -127,6 +135,8 @@ class GuardedResponse:
 
     def _observe(self, outputs: list[Output]) -> None:
         for o in outputs:
+            if self.on_event is not None and isinstance(o, ResetEvent | Flagged):
+                self.on_event(o)
             if isinstance(o, ResetEvent):
                 self.metrics.resets.labels(
                     self.labels.policy, self.labels.route, self.labels.model, o.category, o.action.value

@@ -20,6 +20,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 MAX_MODELS = 32
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RELOAD_RESULTS = ("ok", "error")
+AUDIT_RESULTS = ("written", "duplicate", "dropped")
 
 # Buckets fitted to each quantity, so that p50 and p99 fall between two bounds that mean something.
 # Reset positions are guard tokens into the attempt: early ones mean the prompt was the problem, late
@@ -89,6 +90,31 @@ class Metrics:
             "backtrack_active_streams", "Responses in flight", ["route"],
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        # Shared state (proxy.shared): whether the store answers, and what the audit spool holds.
+        self.store_up = Gauge(
+            "backtrack_store_up", "1 while the shared-state store (Redis, or memory) answers, else 0",
+            registry=r, multiprocess_mode="livemin",
+        )  # fmt: skip
+        self.audit_spooled = Gauge(
+            "backtrack_audit_spool_events", "Audit events waiting in the local spool for the store",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.audit_events = Counter(
+            "backtrack_audit_events_total", "Audit events by fate: written to the store, found there "
+            "already (a retry), or dropped from a full spool", ["result"], registry=r,
+        )  # fmt: skip
+        for result in AUDIT_RESULTS:
+            self.audit_events.labels(result)
+        self.strike_escalations = Counter(
+            "backtrack_strike_escalations_total", "Requests escalated by their tenant's strikes, by the "
+            "policy that had them and the outcome (escalate, reject)", ["policy", "outcome"], registry=r,
+        )  # fmt: skip
+        self.fleet_reloads = Counter(
+            "backtrack_fleet_reloads_total", "Reloads this replica made because another one reloaded",
+            ["result"], registry=r,
+        )  # fmt: skip
+        for result in RELOAD_RESULTS:
+            self.fleet_reloads.labels(result)
         self._models: set[str] = set()
 
     def model_label(self, model: str) -> str:

@@ -67,6 +67,22 @@ class Detectors(_Frozen):
     model: ModelDetector = ModelDetector()
 
 
+class Strikes(_Frozen):
+    """After `limit` resets of one tenant within `window_seconds` (counted across replicas), its
+    requests get the policy `escalate_to` instead, or a 429 with `Retry-After` when `reject` is set."""
+
+    window_seconds: float = Field(gt=0.0, le=86400.0)
+    limit: int = Field(ge=1, le=100_000)
+    escalate_to: str | None = Field(None, min_length=1)
+    reject: bool = False
+
+    @model_validator(mode="after")
+    def _one_outcome(self) -> Strikes:
+        if (self.escalate_to is None) == (not self.reject):
+            raise ValueError("strikes needs exactly one of 'escalate_to: POLICY' or 'reject: true'")
+        return self
+
+
 class Policy(_Frozen):
     name: str = Field(min_length=1)
     description: str = ""
@@ -91,6 +107,7 @@ class Policy(_Frozen):
     score_prompt: bool = True  # give the guard the prompt as context
     score_prefill: bool = True  # client-supplied assistant text is part of the response the guard reads
     audit: Literal["redacted", "kept"] = "redacted"
+    strikes: Strikes | None = None  # None: a tenant's resets never change what it gets
 
     @model_validator(mode="after")
     def _actions(self) -> Policy:

@@ -102,6 +102,11 @@ class PolicySet:
             (f"anonymous_allowed_policies.{n}", p) for n, p in enumerate(self.anonymous_allowed_policies)
         ]
         refs += [(f"rules.{n}.policy", r.policy) for n, r in enumerate(self.rules)]
+        refs += [
+            (f"policies.{name}.strikes.escalate_to", p.strikes.escalate_to)
+            for name, p in self.policies.items()
+            if p.strikes is not None and p.strikes.escalate_to is not None
+        ]
         seen_names: set[str] = set()
         seen_keys: dict[str, str] = {}
         errors: list[str] = []
@@ -121,6 +126,12 @@ class PolicySet:
                         f"{seen_keys[digest]!r}'s"
                     )
                 seen_keys.setdefault(digest, tenant.name)
+        errors += [
+            f"{source}: 'policies.{name}.strikes.escalate_to' has value {name!r}. A policy cannot "
+            "escalate to itself"
+            for name, p in self.policies.items()
+            if p.strikes is not None and p.strikes.escalate_to == name
+        ]
         errors += [
             f"{source}: '{path}' has value {name!r}. Not one of the policies: {known}"
             for path, name in refs
