@@ -10,9 +10,10 @@ the upstream's text, marked `PREFILL`: the guard reads it as the start of the re
 not sent it again, and a reset inside it drops everything held after it before anything is released.
 Resets count it in `retract_chars` (it is part of the abandoned attempt the client displays).
 
-`regenerate` and `inject` ask the upstream again only for single-choice requests: with `n > 1` the
-other choices are still streaming from the first request, and one client stream cannot be fed from two
-upstream streams without reordering; such a choice is refused instead.
+`regenerate` and `inject` ask again for one choice at a time, with a one-answer request whose choice
+stands in for it. With one choice that happens at once. With `n > 1` the other choices are still
+streaming from the first request, so the choices to ask again for wait until it has ended (or has
+nothing left for them), then are asked for in turn; the client's stream ends after the last.
 """
 
 from __future__ import annotations
@@ -115,11 +116,13 @@ class Relay:
         policy = guarded.policy
         self.prefill = req.prefill if policy.score_prefill else ""
         self.marker = policy.detectors.marker.token
-        self.regenerate = False
-        self.upstream_done = False
         self.response: web.StreamResponse | None = None  # once set, the client has the headers
+        self.upstream_done = False  # the current upstream response has ended
+        self.ended = False  # the client's stream has its end (or an in-band error)
+        self.pending: list[int] = []  # choices waiting to be asked for again, in order
+        self.target: int | None = None  # the choice a regeneration request answers (None: all of them)
         self.shown: dict[int, str] = {}  # per choice: the current attempt's released text, prefill included
-        self.inject: str | None = None  # the answer's start to ask again with, after an `inject` reset
+        self.inject: dict[int, str] = {}  # per choice: the answer's start to ask again with (`inject`)
 
     def run(self, index: int) -> ChoiceRun:
         """The choice's run; a new one reads the client's prefill first."""
@@ -130,13 +133,23 @@ class Relay:
             run.engine.feed(Piece(self.prefill, PREFILL))
         return run
 
-    def next_body(self) -> JSON:
-        """The request that asks again: with the injected prefill where the dialect has one."""
-        body = self.req.inject_body(self.inject) if self.inject is not None else None
-        self.inject = None
-        return (
-            body if body is not None else self.req.regenerate_body(self.guarded.policy.regenerate_instruction)
-        )
+    def next_body(self, index: int) -> JSON:
+        """The request that asks again for choice `index`: with the injected prefill where the dialect
+        has one, else with the safety instruction."""
+        prefix = self.inject.pop(index, None)
+        body = self.req.inject_body(prefix) if prefix is not None else None
+        if body is None:
+            body = self.req.regenerate_body(self.guarded.policy.regenerate_instruction)
+        return body
+
+    def begin_again(self, index: int) -> ChoiceRun:
+        """A regenerated answer for choice `index` starts: a new attempt, read afresh."""
+        run = self.guarded.runs[index]
+        if run.engine.state is State.REGENERATING:
+            run.engine.begin_attempt()
+            self.guarded.restart_guard(run)
+        self.shown[index] = ""
+        return run
 
     # -- streaming -----------------------------------------------------------------------------------
 
@@ -170,61 +183,65 @@ class Relay:
                         headers = stream_headers(self.codec.media_type, self.guarded.policy.name)
                         self.response = web.StreamResponse(headers=headers)
                         await self.response.prepare(request)
-                    else:
-                        self._begin_regenerated()
+                    if self.target is not None:
+                        self.begin_again(self.target)
                     await self._relay(request, self.response, up)
             except UpstreamError as exc:
                 if self.response is None:
                     raise
                 # A regeneration that cannot be had is refused; a stream that broke ends in-band.
-                regenerating = any(
-                    run.engine.state is State.REGENERATING for run in self.guarded.runs.values()
-                )
-                await self.response.write(
-                    self._give_up() if regenerating else self._abandon(exc.message, exc.kind)
-                )
-            if not self.regenerate:
+                unanswered = self.target is not None and self._state(self.target) is State.REGENERATING
+                failed = self._give_up() if unanswered else self._abandon(exc.message, exc.kind)
+                await self.response.write(failed)
+            if not self.pending:
                 break
-            body = self.next_body()
-        if not self.upstream_done or any(not run.done for run in self.guarded.runs.values()):
+            self.target = self.pending.pop(0)
+            body = self.next_body(self.target)
+        if not self.ended:
             await self.response.write(await self._end_all())
         return self.response
 
     async def _relay(self, request: web.Request, response: web.StreamResponse, up: ClientResponse) -> None:
-        """One upstream attempt, until it ends or the engine asks for a regeneration."""
+        """One upstream response, until it ends or has nothing left for the choices it answers."""
         self.codec.begin_attempt()
-        self.regenerate = self.upstream_done = False
+        self.upstream_done = False
         async for data in read_chunks(up):
             # While text is held back nothing is written, and only a write notices a gone client.
             if request.transport is None or request.transport.is_closing():
                 raise ConnectionResetError("the client went away")
             await response.write(await self._handle(self.codec.feed(data)))
-            if self.regenerate or self.upstream_done:
+            if self.upstream_done or self._waits_for_another():
                 return
         await response.write(await self._handle(self.codec.flush()))
 
-    def _begin_regenerated(self) -> None:
-        """The upstream answered the regeneration request: its stream is a new attempt, read afresh."""
-        for index, run in self.guarded.runs.items():
-            if run.engine.state is State.REGENERATING:
-                run.engine.begin_attempt()
-                self.guarded.restart_guard(run)
-                self.shown[index] = ""
+    def _waits_for_another(self) -> bool:
+        """None of the choices this upstream response answers is still streaming, and one waits to be
+        asked for again: reading on is of no use."""
+        answered = range(self.req.n) if self.target is None else (self.target,)
+        states = {self._state(i) for i in answered}
+        return State.STREAMING not in states and State.REGENERATING in states
+
+    def _state(self, index: int) -> State:
+        run = self.guarded.runs.get(index)
+        return State.STREAMING if run is None else run.engine.state  # a choice not seen yet is to come
 
     async def _handle(self, events: list[Event]) -> bytes:
         out = bytearray()
         touched: set[int] = set()
         for event in events:
+            if isinstance(event, ChoicePiece | ChoiceFinish):
+                # A regeneration's one choice stands in for the choice it was asked for.
+                index = event.index if self.target is None else self.target
             if isinstance(event, ChoicePiece):
-                run = self.run(event.index)
+                run = self.run(index)
                 piece = Piece(event.piece.text, event.piece.extra, time.monotonic())
-                out += self._encode(event.index, run.engine.feed(piece))
-                touched.add(event.index)
+                out += self._encode(index, run.engine.feed(piece))
+                touched.add(index)
             elif isinstance(event, ChoiceFinish):
-                run = self.run(event.index)
+                run = self.run(index)
                 run.upstream_reason, run.upstream_rest = event.reason, event.choice
-                out += self._encode(event.index, await self.guarded.finish(run))
-                touched.discard(event.index)
+                out += self._encode(index, await self.guarded.finish(run))
+                touched.discard(index)
             elif isinstance(event, Usage | Passthrough):
                 out += self.codec.passthrough(event)
             elif isinstance(event, UpstreamFailure):
@@ -235,12 +252,12 @@ class Relay:
                 self.upstream_done = True
         for index in touched:
             out += self._encode(index, await self.guarded.score(self.guarded.run(index)))
-        if self.upstream_done and not self.regenerate:
+        if self.upstream_done and not self.pending:
             out += await self._end_all()
         return bytes(out)
 
     async def _end_all(self) -> bytes:
-        """The upstream is done: finish every choice still open, then end the stream."""
+        """Nothing more will come: finish every choice still open, then end the stream."""
         out = bytearray()
         for index, run in sorted(self.guarded.runs.items()):
             if run.engine.state is State.STREAMING:
@@ -248,22 +265,23 @@ class Relay:
             elif run.engine.state is State.REGENERATING:
                 out += self._encode(index, run.engine.give_up())
         out += self.codec.end()
-        self.upstream_done = True
+        self.ended = True
         return bytes(out)
 
     def _give_up(self) -> bytes:
+        """Asking again failed: every choice waiting for it is refused."""
         out = bytearray()
+        self.pending.clear()
         for index, run in self.guarded.runs.items():
             out += self._encode(index, run.engine.give_up())
-        self.regenerate = False
         return bytes(out)
 
     def _abandon(self, message: str, kind: str, upstream: JSON | None = None) -> bytes:
         """The upstream failed mid-stream: held text is dropped (unjudged), the client gets the error."""
         for run in self.guarded.runs.values():
             run.engine.state = State.DONE
-        self.upstream_done = True
-        self.regenerate = False
+        self.pending.clear()
+        self.upstream_done = self.ended = True
         return self.codec.error(message, kind, upstream)
 
     def _encode(self, index: int, outputs: list[Output]) -> bytes:
@@ -279,55 +297,66 @@ class Relay:
             elif isinstance(o, ResetEvent):
                 out += self.codec.reset(index, o)
                 if o.action is Action.INJECT:
-                    self.inject = self.shown.get(index, "") + o.discarded + self.marker
+                    self.inject[index] = self.shown.get(index, "") + o.discarded + self.marker
                 self.shown[index] = ""
             elif isinstance(o, Finish):
                 rest = run.upstream_rest if o.reason == run.upstream_reason else None
                 out += self.codec.finish(index, o.reason, rest)
             elif isinstance(o, Regenerate):
-                if self.req.n == 1:
-                    self.regenerate = True
-                else:
-                    out += self._encode(index, run.engine.give_up())
+                self.pending.append(index)
         return bytes(out)
 
     # -- non-streaming -------------------------------------------------------------------------------
 
     async def complete(self) -> web.Response:
-        body = self.req.body
         resets: list[JSON] = []
-        answer: JSON | None = None
-        while True:
+        answer = await self._fetch_answer(self.req.body)
+        pending = []
+        for index, text, reason in self.req.answer_choices(answer):
+            if await self._judge_choice(answer, index, text, reason, resets, keep_untouched=True):
+                pending.append(index)
+        while pending:
+            index = pending.pop(0)
             try:
-                fresh = await self._fetch_answer(body)
-            except UpstreamError:
-                if answer is None:
-                    raise
-                self._refuse_regenerating(answer, resets)  # the regeneration cannot be had
-                break
-            answer = fresh
-            regenerate = False
-            for index, text, reason in self.req.answer_choices(answer):
-                run = self.run(index)
-                if run.done:
-                    continue
-                if run.engine.state is State.REGENERATING:
-                    run.engine.begin_attempt()
-                    self.guarded.restart_guard(run)
-                outputs = await self._judge_whole(run, text, reason)
-                kept, finish, regen = self._collect(outputs, resets, index)
-                if regen and self.req.n == 1:
-                    regenerate = True
-                    continue
-                if regen:
-                    kept, finish, _ = self._collect(run.engine.give_up(), resets, index)
-                self.req.set_answer_choice(answer, index, None if kept == text else kept, finish)
-            if not regenerate:
-                break
-            body = self.next_body()
+                fresh = await self._fetch_answer(self.next_body(index))
+                choices = self.req.answer_choices(fresh)
+                if not choices:
+                    raise UpstreamError("upstream answered with no choice")
+            except UpstreamError:  # the regeneration cannot be had: refused
+                text, reason, _ = self._collect(self.guarded.runs[index].engine.give_up(), resets, index)
+                self.req.set_answer_choice(answer, index, text, reason)
+                continue
+            _, text, reason = choices[0]
+            if self.req.n == 1:
+                answer = fresh  # the one answer given: its envelope (id, usage) is the right one
+            self.begin_again(index)
+            if await self._judge_choice(answer, index, text, reason, resets, keep_untouched=self.req.n == 1):
+                pending.append(index)
         if resets:
             answer["backtrack"] = backtrack_summary(resets)
         return web.json_response(answer, headers={"X-Backtrack-Policy": self.guarded.policy.name})
+
+    async def _judge_choice(
+        self, answer: JSON, index: int, text: str, reason: str | None, resets: list[JSON], *,
+        keep_untouched: bool,
+    ) -> bool:  # fmt: skip
+        """Judge one choice's whole text and write the verdict into `answer`; whether to ask again.
+
+        `keep_untouched`: the choice in `answer` is this text, and stays as it came when nothing changed
+        (a null content stays null); otherwise the text is always written."""
+        run = self.run(index)
+        if run.done:
+            return False
+        run.upstream_reason = reason
+        outputs: list[Output] = []
+        for piece in ApproxTokenizer().split(text):
+            outputs += run.engine.feed(Piece(piece))
+        outputs += await self.guarded.finish(run)
+        kept, finish, regen = self._collect(outputs, resets, index)
+        if not regen:
+            unchanged = keep_untouched and kept == text
+            self.req.set_answer_choice(answer, index, None if unchanged else kept, finish)
+        return regen
 
     async def _fetch_answer(self, body: JSON) -> JSON:
         async with self.upstream.request("POST", self.path, self.headers, body) as up:
@@ -340,21 +369,6 @@ class Relay:
         except ValueError:
             raise UpstreamError("upstream sent a malformed response") from None
         return answer  # type: ignore[no-any-return]  # answer_choices vouched for its shape
-
-    def _refuse_regenerating(self, answer: JSON, resets: list[JSON]) -> None:
-        """Choices waiting for a regeneration that failed get the refusal instead."""
-        for index, _, _ in self.req.answer_choices(answer):
-            run = self.guarded.runs.get(index)
-            if run is not None and run.engine.state is State.REGENERATING:
-                text, reason, _ = self._collect(run.engine.give_up(), resets, index)
-                self.req.set_answer_choice(answer, index, text, reason)
-
-    async def _judge_whole(self, run: ChoiceRun, text: str, reason: str | None) -> list[Output]:
-        run.upstream_reason = reason
-        outputs: list[Output] = []
-        for piece in ApproxTokenizer().split(text):
-            outputs += run.engine.feed(Piece(piece))
-        return outputs + await self.guarded.finish(run)
 
     def _collect(self, outputs: list[Output], resets: list[JSON], index: int) -> tuple[str, str | None, bool]:
         """Released text (the prefill left out), finish reason and whether to ask again."""
@@ -369,7 +383,7 @@ class Relay:
             elif isinstance(o, ResetEvent):
                 kept = len(text) - o.retract_chars
                 if o.action is Action.INJECT:
-                    self.inject = text[kept:] + o.discarded + self.marker
+                    self.inject[index] = text[kept:] + o.discarded + self.marker
                 text = text[:kept]
                 prefill = min(prefill, kept)
                 # The client of a non-streamed answer never saw the retracted text: nothing to mend.

@@ -233,8 +233,13 @@ async def test_the_sdks_stream_helper_sees_one_assistant_role_after_a_regenerati
     assert final.choices[0].message.content == WORDY_SHOWN + WORDY_SAFE["response"]
 
 
-async def test_regenerate_with_n_2_refuses_each_choice_instead(harness: Harness) -> None:
-    client, upstream = await proxy_client(harness, policy(actions={"default": "regenerate"}))
+SAFE_AFTER_UNSAFE = [WORDY, WORDY_SAFE, WORDY_SAFE]
+
+
+async def test_regenerate_with_n_2_asks_again_for_each_choice_in_turn(harness: Harness) -> None:
+    client, upstream = await proxy_client(
+        harness, policy(actions={"default": "regenerate"}), SAFE_AFTER_UNSAFE
+    )
 
     chunks = await stream_chat(client, WORDY["prompt"], n=2)
 
@@ -242,8 +247,27 @@ async def test_regenerate_with_n_2_refuses_each_choice_instead(harness: Harness)
         texts = [
             c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index
         ]
-        assert "".join(texts) == WORDY_SHOWN + REFUSAL
-    assert (await replay_stats(upstream))["requests"] == 1
+        assert "".join(texts) == WORDY_SHOWN + WORDY_SAFE["response"]
+    finishes = [
+        (c.choices[0].index, c.choices[0].finish_reason) for c in chunks if c.choices[0].finish_reason
+    ]
+    assert finishes == [(0, "stop"), (1, "stop")]  # each after its own regeneration
+    assert len({c.id for c in chunks}) == 1
+    stats = await replay_stats(upstream)
+    assert stats["requests"] == 3  # the first answer, then one for each choice
+    assert stats["last_request"]["n"] == 1
+
+
+async def test_regenerate_with_n_2_non_streamed_splices_each_regenerated_choice(harness: Harness) -> None:
+    client, upstream = await proxy_client(
+        harness, policy(actions={"default": "regenerate"}), SAFE_AFTER_UNSAFE
+    )
+
+    completion = await ask_chat(client, WORDY["prompt"], n=2)
+
+    assert [c.message.content for c in completion.choices] == [WORDY_SAFE["response"]] * 2
+    assert [r["index"] for r in (completion.model_extra or {})["backtrack"]["resets"]] == [0, 1]
+    assert (await replay_stats(upstream))["requests"] == 3
 
 
 UNSAFE_TWICE = [WORDY, {"prompt": WORDY["prompt"], "response": "Fine: a bomb needs a casing first."}]
