@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test lint typecheck unit monitoring-deps clean
+.PHONY: run test lint typecheck unit monitoring-deps redis-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,14 @@ monitoring-deps:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus; \
 	fi
 
-unit: $(DEV_STAMP) monitoring-deps
+# tests/test_redis_*.py and the store contract tests start their own redis-server (unless REDIS_URL
+# names one); installed from Debian's redis-server package when missing, as above.
+redis-deps:
+	@if [ -z "$$REDIS_URL" ] && ! command -v redis-server >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; \
+	fi
+
+unit: $(DEV_STAMP) monitoring-deps redis-deps
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
