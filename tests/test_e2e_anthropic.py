@@ -7,6 +7,7 @@ from typing import Any
 
 import anthropic
 import pytest
+from aiohttp import web
 from harness import BENIGN, MARKED, POLICY, WORDY, WORDY_SAFE, Harness, policy, replay_stats
 
 REFUSAL = POLICY["refusal_message"]
@@ -209,3 +210,96 @@ async def test_upstream_errors_are_anthropic_errors_before_and_after_the_headers
         isinstance(invalid.value.body, dict)
         and invalid.value.body["error"]["type"] == "invalid_request_error"
     )
+
+
+# -- what the guard does not read passes through ---------------------------------------------------------
+
+MESSAGE = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "content": [],
+    "model": "claude",
+    "stop_reason": None,
+    "stop_sequence": None,
+    "usage": {"input_tokens": 5, "output_tokens": 1},
+}
+THOUGHT_BLOCKS = [
+    {"type": "message_start", "message": MESSAGE},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+    {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "thinking_delta", "thinking": "A bomb? No."},
+    },
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "sig"}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "ping"},
+    {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Let me check "}},
+    {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "the weather."}},
+    {"type": "content_block_stop", "index": 1},
+    {
+        "type": "content_block_start",
+        "index": 2,
+        "content_block": {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}},
+    },
+    {
+        "type": "content_block_delta",
+        "index": 2,
+        "delta": {"type": "input_json_delta", "partial_json": '{"city": '},
+    },
+    {
+        "type": "content_block_delta",
+        "index": 2,
+        "delta": {"type": "input_json_delta", "partial_json": '"Paris"}'},
+    },
+    {"type": "content_block_stop", "index": 2},
+    {
+        "type": "message_delta",
+        "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+        "usage": {"output_tokens": 30},
+    },
+    {"type": "message_stop"},
+]
+
+
+def messages_upstream(events: list[dict[str, Any]]) -> web.Application:
+    """A fake Anthropic upstream that streams `events`."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", handler)
+    return app
+
+
+async def test_thinking_and_tool_use_pass_through_unjudged_and_in_order(harness: Harness) -> None:
+    # The thinking mentions "bomb": it is not the answer, so the guard does not read it.
+    proxy = await harness.proxy(await harness.serve(messages_upstream(THOUGHT_BLOCKS)))
+    client = await harness.stack.enter_async_context(
+        anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0)
+    )
+
+    async with client.messages.stream(model="claude", max_tokens=200, messages=ask("Weather?")) as stream:
+        final = await stream.get_final_message()
+    session = await harness.session()
+    body = {"model": "claude", "max_tokens": 200, "messages": ask("Weather?"), "stream": True}
+    async with session.post(f"{proxy}/v1/messages", json=body) as resp:
+        wire = [
+            json.loads(line.removeprefix("data: "))
+            for line in (await resp.text()).splitlines()
+            if line.startswith("data: ")
+        ]
+
+    assert wire == THOUGHT_BLOCKS
+    assert [b.type for b in final.content] == ["thinking", "text", "tool_use"]
+    assert final.content[0].thinking == "A bomb? No." and final.content[0].signature == "sig"  # type: ignore[union-attr]
+    assert final.content[1].text == "Let me check the weather."  # type: ignore[union-attr]
+    assert final.content[2].input == {"city": "Paris"}  # type: ignore[union-attr]
+    assert final.stop_reason == "tool_use" and final.usage.output_tokens == 30

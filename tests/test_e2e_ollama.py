@@ -12,6 +12,7 @@ from typing import Any
 
 import ollama
 import pytest
+from aiohttp import web
 from harness import BENIGN, MARKED, POLICY, WORDY, Harness, policy
 
 REFUSAL = POLICY["refusal_message"]
@@ -169,3 +170,56 @@ async def test_upstream_errors_are_ollama_errors_before_and_after_the_headers(ha
     )
     assert (missing.value.status_code, missing.value.error) == (404, "model 'x' not found")
     assert after.value.error == "the GPU fell over"
+
+
+HEAD = {"model": "llama", "created_at": "2026-11-30T07:00:00Z"}
+TOOL_LINES = [
+    {
+        **HEAD,
+        "message": {"role": "assistant", "content": "", "thinking": "A bomb? No, weather."},
+        "done": False,
+    },
+    {**HEAD, "message": {"role": "assistant", "content": "Checking."}, "done": False},
+    {
+        **HEAD,
+        "message": {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "weather", "arguments": {"city": "Paris"}}}],
+        },
+        "done": False,
+    },
+    {
+        **HEAD,
+        "message": {"role": "assistant", "content": ""},
+        "done": True,
+        "done_reason": "stop",
+        "total_duration": 9,
+        "eval_count": 4,
+        "prompt_eval_count": 3,
+    },
+]
+
+
+async def test_thinking_and_tool_calls_pass_through_unjudged(harness: Harness) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        for line in TOOL_LINES:
+            await response.write(json.dumps(line).encode() + b"\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/api/chat", handler)
+    proxy = await harness.proxy(await harness.serve(app))
+    client = ollama.AsyncClient(host=proxy)
+    harness.stack.push_async_callback(client.close)
+
+    lines = await wire_lines(harness, f"{proxy}/api/chat", {"model": "llama", "messages": ask("Weather?")})
+    parts = [p async for p in await client.chat(model="llama", messages=ask("Weather?"), stream=True)]
+
+    assert lines == TOOL_LINES
+    assert parts[0].message.thinking == "A bomb? No, weather."
+    calls = [call for p in parts for call in p.message.tool_calls or []]
+    assert [(c.function.name, dict(c.function.arguments)) for c in calls] == [("weather", {"city": "Paris"})]
+    assert parts[-1].done and parts[-1].eval_count == 4
