@@ -226,7 +226,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(request.path, exc.status, exc.text or exc.reason, "invalid_request_error")
 
 
-async def _read_body(request: web.Request) -> dict[str, Any]:
+async def read_json_body(request: web.Request) -> dict[str, Any]:
     """The JSON object body of a completion request; recorded in the stats before it is validated."""
     state = request.app[REPLAY_STATE]
     state.stats.requests += 1
@@ -360,7 +360,7 @@ def openai_error_chunk(message: str) -> bytes:
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[REPLAY_STATE]
-    body = await _read_body(request)
+    body = await read_json_body(request)
     params = _params(body)
     talk = chat_prompt(body)
     row = state.answer(talk.last_user)
@@ -402,7 +402,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _completions(request: web.Request) -> web.StreamResponse:
     state = request.app[REPLAY_STATE]
-    body = await _read_body(request)
+    body = await read_json_body(request)
     params = _params(body)
     prompt = _completion_prompt(body)
     row = state.answer(prompt)

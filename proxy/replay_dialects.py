@@ -16,7 +16,14 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.replay import REPLAY_STATE, InvalidRequest, _read_body, chat_prompt, fail_before_headers, stream
+from proxy.replay import (
+    REPLAY_STATE,
+    InvalidRequest,
+    chat_prompt,
+    fail_before_headers,
+    read_json_body,
+    stream,
+)
 
 
 def _model(body: dict[str, Any]) -> str:
@@ -47,7 +54,7 @@ def _anthropic_error(message: str) -> bytes:
 async def messages(request: web.Request) -> web.StreamResponse:
     """`POST /v1/messages`: the row's response as one text block."""
     state = request.app[REPLAY_STATE]
-    body = await _read_body(request)
+    body = await read_json_body(request)
     model = _model(body)
     if not isinstance(body.get("max_tokens"), int):
         raise InvalidRequest("max_tokens: Field required", "max_tokens")
@@ -95,7 +102,7 @@ def _ollama_error(message: str) -> bytes:
 
 async def ollama_chat(request: web.Request) -> web.StreamResponse:
     """`POST /api/chat`: streamed unless `"stream": false`, as Ollama does."""
-    body = await _read_body(request)
+    body = await read_json_body(request)
     model = _model(body)
     streamed = _stream_flag(body, True)
     talk = chat_prompt(body)
@@ -104,7 +111,7 @@ async def ollama_chat(request: web.Request) -> web.StreamResponse:
 
 async def ollama_generate(request: web.Request) -> web.StreamResponse:
     """`POST /api/generate`: the prompt picks the row."""
-    body = await _read_body(request)
+    body = await read_json_body(request)
     model = _model(body)
     streamed = _stream_flag(body, True)
     prompt = body.get("prompt")
