@@ -156,6 +156,11 @@ def load_settings(
         up = parse_model(UpstreamConfig, {**up.model_dump(), "url": upstream}, "--upstream")
     checkpoint = base / cfg.guard.checkpoint if cfg.guard.checkpoint else None
     token = env.get(cfg.admin.token_env)
+    redis_url = env.get("BACKTRACK_REDIS_URL") or cfg.redis.url
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        where = "BACKTRACK_REDIS_URL" if env.get("BACKTRACK_REDIS_URL") else f"{path}: 'redis.url'"
+        # The value is not repeated: a Redis URL may carry a password.
+        raise ConfigError(f"{where} must start with redis://, rediss:// or unix://")
     return Settings(
         path=path,
         file=cfg,
@@ -163,7 +168,7 @@ def load_settings(
         upstream=up,
         guard=cfg.guard,
         policy_set=policy_set,
-        redis_url=env.get("BACKTRACK_REDIS_URL") or cfg.redis.url,
+        redis_url=redis_url,
         admin=cfg.admin,
         admin_token=SecretStr(token) if token else None,
         guard_checkpoint=checkpoint,

@@ -301,4 +301,3 @@ def open_store(redis_url: str | None, *, prefix: str, audit_maxlen: int) -> Stor
     if redis_url is None:
         return MemoryStore(audit_maxlen)
     return RedisStore(redis_url, prefix=prefix, audit_maxlen=audit_maxlen)
-

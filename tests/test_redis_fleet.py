@@ -36,9 +36,9 @@ POLL_LIMIT = 1500  # 30 s of polling at most
 
 
 def write_setup(
-    harness: Harness, upstream: str, url: str, prefix: str, policies: dict[str, dict[str, Any]]
+    harness: Harness, upstream: str, url: str | None, prefix: str, policies: dict[str, dict[str, Any]]
 ) -> Path:
-    """Policy files and a config naming them, one tenant (acme, on `test`), Redis at `url`."""
+    """Policy files and a config naming them, one tenant (acme, on `test`), Redis at `url` (None: memory)."""
     folder = harness.tmp_path / "policies"
     folder.mkdir(exist_ok=True)
     for name, data in policies.items():

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from redis_server import redis_url, unique_prefix
 
-from proxy.store import MemoryStore, RedisStore, Store
+from proxy.config import load_settings
+from proxy.errors import ConfigError
+from proxy.store import MemoryStore, RedisStore, Store, open_store
 
 MAXLEN = 100
 
@@ -116,3 +118,29 @@ async def test_each_replica_keeps_its_latest_reload_report(store: Store) -> None
     await store.report_reload("b", '{"generation": 2}')
     await store.report_reload("a", '{"generation": 3}')
     assert await store.reload_reports() == {"a": '{"generation": 3}', "b": '{"generation": 2}'}
+
+
+async def test_redis_is_used_when_a_url_is_configured_and_the_environment_overrides_it(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("redis: {url: 'redis://127.0.0.1:1/0'}\n", encoding="utf-8")
+    assert load_settings(config, env={}).redis_url == "redis://127.0.0.1:1/0"
+    env = {"BACKTRACK_REDIS_URL": "redis://10.0.0.1:6379/2"}
+    assert load_settings(config, env=env).redis_url == "redis://10.0.0.1:6379/2"
+    assert load_settings(None, env={}).redis_url is None
+    memory = open_store(None, prefix="p", audit_maxlen=MAXLEN)
+    redis = open_store("redis://127.0.0.1:1/0", prefix="p", audit_maxlen=MAXLEN)
+    assert (memory.kind, redis.kind) == ("memory", "redis")
+    await memory.close()
+    await redis.close()
+
+
+def test_a_redis_url_of_another_scheme_is_refused_without_repeating_it(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("redis: {url: 'http://user:hunter2@cache:6379'}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_settings(config, env={})
+    assert err.value.message == f"{config}: 'redis.url' must start with redis://, rediss:// or unix://"
+    with pytest.raises(ConfigError, match=r"^BACKTRACK_REDIS_URL must start with"):
+        load_settings(None, env={"BACKTRACK_REDIS_URL": "cache:6379"})
