@@ -13,9 +13,12 @@ from typing import Any
 import ollama
 import pytest
 from aiohttp import web
-from harness import BENIGN, MARKED, POLICY, WORDY, Harness, policy
+from harness import BENIGN, MARKED, POLICY, WORDY, WORDY_SAFE, Harness, policy, replay_stats
+
+from proxy.policy import Policy
 
 REFUSAL = POLICY["refusal_message"]
+INSTRUCTION = Policy(name="x").regenerate_instruction
 BEFORE_MARKER, AFTER_MARKER = MARKED["response"].split("[RESET]")
 WORDY_SHOWN = "Explosives are chemicals."  # what a hold-back of 4 has let out when the guard reaches "bomb"
 
@@ -140,6 +143,31 @@ async def test_a_prefill_attack_is_reset_before_any_upstream_text_is_released(ha
     assert backtrack["category"] == "weapons"
     assert (refusal, done) == (REFUSAL, ("done", "stop"))
     assert whole.message.content == REFUSAL
+
+
+async def test_inject_on_chat_prefills_the_dropped_text_and_generate_falls_back_to_regenerate(
+    harness: Harness,
+) -> None:
+    upstream = await harness.replay([WORDY, WORDY_SAFE])
+    proxy = await harness.proxy(upstream, policy(actions={"default": "inject"}))
+
+    chat = await wire_lines(
+        harness, f"{proxy}/api/chat", {"model": "llama", "messages": ask(WORDY["prompt"])}
+    )
+    chat_request = (await replay_stats(upstream))["last_request"]
+    await wire_lines(harness, f"{proxy}/api/generate", {"model": "llama", "prompt": WORDY["prompt"]})
+    generate_request = (await replay_stats(upstream))["last_request"]
+
+    assert transcript(chat) == [
+        WORDY_SHOWN,
+        reset(len(WORDY_SHOWN)),
+        WORDY_SAFE["response"],
+        ("done", "stop"),
+    ]
+    prefill = chat_request["messages"][-1]
+    assert prefill["role"] == "assistant" and prefill["content"].endswith("[RESET]")
+    assert WORDY["response"].startswith(prefill["content"].removesuffix("[RESET]"))
+    assert generate_request["prompt"] == f"{INSTRUCTION}\n\n{WORDY['prompt']}"
 
 
 FAILING = [
