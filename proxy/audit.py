@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.engine import Flagged, ResetEvent
-from proxy.metrics import Metrics
+from proxy.metrics import StoreMetrics
 from proxy.policy import Action, Policy
 from proxy.selection import Tenant
 from proxy.store import PAGE, RedisStore, Store, StoreUnavailable
@@ -100,7 +100,7 @@ class AuditLog:
     """The bounded spool in front of the store; `run` drains it, in order, while the store answers."""
 
     def __init__(
-        self, store: Store, metrics: Metrics, spool_size: int, on_failure: Callable[[str], None]
+        self, store: Store, metrics: StoreMetrics, spool_size: int, on_failure: Callable[[str], None]
     ) -> None:
         self.store = store
         self.metrics = metrics

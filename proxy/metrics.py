@@ -90,31 +90,6 @@ class Metrics:
             "backtrack_active_streams", "Responses in flight", ["route"],
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
-        # Shared state (proxy.shared): whether the store answers, and what the audit spool holds.
-        self.store_up = Gauge(
-            "backtrack_store_up", "1 while the shared-state store (Redis, or memory) answers, else 0",
-            registry=r, multiprocess_mode="livemin",
-        )  # fmt: skip
-        self.audit_spooled = Gauge(
-            "backtrack_audit_spool_events", "Audit events waiting in the local spool for the store",
-            registry=r, multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.audit_events = Counter(
-            "backtrack_audit_events_total", "Audit events by fate: written to the store, found there "
-            "already (a retry), or dropped from a full spool", ["result"], registry=r,
-        )  # fmt: skip
-        for result in AUDIT_RESULTS:
-            self.audit_events.labels(result)
-        self.strike_escalations = Counter(
-            "backtrack_strike_escalations_total", "Requests escalated by their tenant's strikes, by the "
-            "policy that had them and the outcome (escalate, reject)", ["policy", "outcome"], registry=r,
-        )  # fmt: skip
-        self.fleet_reloads = Counter(
-            "backtrack_fleet_reloads_total", "Reloads this replica made because another one reloaded",
-            ["result"], registry=r,
-        )  # fmt: skip
-        for result in RELOAD_RESULTS:
-            self.fleet_reloads.labels(result)
         self._models: set[str] = set()
 
     def model_label(self, model: str) -> str:
@@ -138,3 +113,37 @@ class Metrics:
         """This process stops serving: its live gauges leave the multiprocess sums."""
         if self.multiprocess_dir is not None:
             mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]
+
+
+class StoreMetrics:
+    """Shared state's metrics (`proxy.shared`): registered on an app's registry when its store opens.
+
+    Documented with the store, in the README's "Shared state (Redis)" section.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.store_up = Gauge(
+            "backtrack_store_up", "1 while the shared-state store (Redis, or memory) answers, else 0",
+            registry=registry, multiprocess_mode="livemin",
+        )  # fmt: skip
+        self.audit_spooled = Gauge(
+            "backtrack_audit_spool_events", "Audit events waiting in the local spool for the store",
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.audit_events = Counter(
+            "backtrack_audit_events_total", "Audit events by fate: written to the store, found there "
+            "already (a retry), or dropped from a full spool", ["result"], registry=registry,
+        )  # fmt: skip
+        for result in AUDIT_RESULTS:
+            self.audit_events.labels(result)
+        self.strike_escalations = Counter(
+            "backtrack_strike_escalations_total", "Requests escalated by their tenant's strikes, by the "
+            "policy that had them and the outcome (escalate, reject)", ["policy", "outcome"],
+            registry=registry,
+        )  # fmt: skip
+        self.fleet_reloads = Counter(
+            "backtrack_fleet_reloads_total", "Reloads this replica made because another one reloaded",
+            ["result"], registry=registry,
+        )  # fmt: skip
+        for result in RELOAD_RESULTS:
+            self.fleet_reloads.labels(result)

@@ -40,7 +40,7 @@ from proxy.config import RedisConfig, Settings
 from proxy.engine import GUARD_UNAVAILABLE, Flagged, ResetEvent
 from proxy.errors import ConfigError, TooManyRequests
 from proxy.guards import Guard
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, StoreMetrics
 from proxy.policy import Policy
 from proxy.reload import POLICY_STORE, Live, PolicyStore, check_admin
 from proxy.selection import Tenant
@@ -56,7 +56,9 @@ CLOSE_FLUSH_TIMEOUT = 5.0
 class Shared:
     """The store and what runs on it for one app; see the module docstring."""
 
-    def __init__(self, store: Store, metrics: Metrics, policies: PolicyStore, config: RedisConfig) -> None:
+    def __init__(
+        self, store: Store, metrics: StoreMetrics, policies: PolicyStore, config: RedisConfig
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self.policies = policies
@@ -244,7 +246,7 @@ async def shared_ctx(settings: Settings, metrics: Metrics, app: web.Application)
     config = settings.file.redis
     store = open_store(settings.redis_url, prefix=config.prefix, audit_maxlen=config.audit_maxlen)
     policies = app[POLICY_STORE]
-    shared = Shared(store, metrics, policies, config)
+    shared = Shared(store, StoreMetrics(metrics.registry), policies, config)
     await shared.check()  # an outage at start is tolerated: the proxy serves, the spool waits
     policies.listeners.append(shared.on_reload)
     app[SHARED] = shared

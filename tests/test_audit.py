@@ -7,10 +7,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from proxy.audit import AuditLog, RequestInfo, audit_event, export_row, parse_since
 from proxy.engine import Flagged, ResetEvent
-from proxy.metrics import Metrics
+from proxy.metrics import StoreMetrics
 from proxy.policy import Action, Policy
 from proxy.selection import Tenant, hash_key
 from proxy.store import MemoryStore, StoreUnavailable
@@ -26,7 +27,7 @@ FLAG = Flagged(category="weapons", score=0.5, detector="model", position=4, text
 AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp()
 
 
-def value(metrics: Metrics, result: str) -> float:
+def value(metrics: StoreMetrics, result: str) -> float:
     return metrics.audit_events.labels(result)._value.get()
 
 
@@ -127,7 +128,7 @@ async def stored_ids(store: MemoryStore) -> list[str]:
 
 
 async def test_the_spool_writes_events_in_order_and_empties() -> None:
-    store, metrics = FlakyStore(), Metrics()
+    store, metrics = FlakyStore(), StoreMetrics(CollectorRegistry())
     log = AuditLog(store, metrics, spool_size=100, on_failure=lambda why: None)
     for event in events(5):
         log.record(event)
@@ -137,7 +138,7 @@ async def test_the_spool_writes_events_in_order_and_empties() -> None:
 
 
 async def test_through_an_outage_the_spool_keeps_events_and_writes_each_once_in_order() -> None:
-    store, metrics = FlakyStore(), Metrics()
+    store, metrics = FlakyStore(), StoreMetrics(CollectorRegistry())
     failures: list[str] = []
     log = AuditLog(store, metrics, spool_size=100, on_failure=failures.append)
     first, second, third = events(9)[:3], events(9)[3:6], events(9)[6:]
@@ -164,7 +165,7 @@ async def test_through_an_outage_the_spool_keeps_events_and_writes_each_once_in_
 
 
 async def test_a_full_spool_drops_its_oldest_events_and_counts_them(caplog: pytest.LogCaptureFixture) -> None:
-    store, metrics = FlakyStore(), Metrics()
+    store, metrics = FlakyStore(), StoreMetrics(CollectorRegistry())
     store.down = True
     log = AuditLog(store, metrics, spool_size=3, on_failure=lambda why: None)
     for event in events(5):
