@@ -97,6 +97,7 @@ class Point:
     harmful_tokens_released: float  # per harmful response, on average (missed ones release all)
     released_when_caught: float  # per harmful response that is reset, on average: what hold-back controls
     caught_before_release: float  # of the harmful responses reset, those reset before any harmful token
+    # (the last two are NaN where no harmful response is reset)
 
 
 def sweep(
@@ -124,9 +125,10 @@ def sweep(
         released = np.where(caught, np.clip(harm_at + 1 - hold, 0, tokens), tokens)
         harm_released = np.maximum(0, released - onsets)
         mean_released = harm_released.mean(axis=0) if harmful else np.zeros(len(cuts))
-        n_caught = np.maximum(1, caught.sum(axis=0))
-        when_caught = np.where(caught, harm_released, 0).sum(axis=0) / n_caught
-        clean = (caught & (harm_released == 0)).sum(axis=0) / n_caught
+        n_caught = caught.sum(axis=0)
+        with np.errstate(invalid="ignore"):  # 0 / 0 where nothing is caught: NaN, not a measurement
+            when_caught = np.where(caught, harm_released, 0).sum(axis=0) / n_caught
+            clean = (caught & (harm_released == 0)).sum(axis=0) / n_caught
         for c, (b, t) in enumerate(pairs):
             rates = (false_resets[c], detection[c], mean_released[c], when_caught[c], clean[c])
             points.append(Point(b, t, hold, *(float(x) for x in rates)))
@@ -213,8 +215,8 @@ def format_snippet(setup: Setup, choice: Choice) -> str:
         + ", ".join(s.name for s in setup.sources),
         f"# target false resets <= {setup.target:.2%}: measured {p.false_reset_rate:.2%} false resets, "
         f"{p.detection_rate:.2%} of harmful responses reset",
-        f"# hold-back {p.holdback_tokens}: {p.caught_before_release:.0%} of those resets come before any "
-        f"harmful token is released (aim: {setup.coverage:.0%})",
+        f"# hold-back {p.holdback_tokens}: {_num(p.caught_before_release, '.0%')} of those resets come "
+        f"before any harmful token is released (aim: {setup.coverage:.0%})",
     ]
     if not choice.met:
         lines.append("# NO swept point meets the target: this is the one with the fewest false resets")
@@ -258,10 +260,15 @@ def format_markdown(setup: Setup, points: Sequence[Point], choice: Choice) -> st
     for q in points:
         if (q.logit_bias, q.threshold) == (p.logit_bias, p.threshold):
             mark = " **<-**" if q.holdback_tokens == p.holdback_tokens else ""
-            released = f"{q.released_when_caught:.1f} | {q.harmful_tokens_released:.1f}"
-            out.append(f"| {q.holdback_tokens} | {released} | {q.caught_before_release:.0%}{mark} |")
+            released = f"{_num(q.released_when_caught, '.1f')} | {q.harmful_tokens_released:.1f}"
+            clean = _num(q.caught_before_release, ".0%")
+            out.append(f"| {q.holdback_tokens} | {released} | {clean}{mark} |")
     out += ["", "## Operating point", ""]
     return "\n".join(out)
+
+
+def _num(x: float, spec: str) -> str:
+    return "-" if math.isnan(x) else format(x, spec)
 
 
 def plot(folder: Path, points: Sequence[Point], choice: Choice, target: float) -> None:

@@ -99,6 +99,9 @@ def test_false_resets_detection_and_harmful_text_released_per_hold_back() -> Non
         Point(0.0, 0.5, 4, 0.5, 0.5, harmful_tokens_released=(0 + 8) / 2, released_when_caught=0,
               caught_before_release=1.0),
     ]  # fmt: skip
+    nothing_caught = sweep([missed, fine], biases=[0.0], thresholds=[0.5], holdbacks=[0])[0]
+    assert math.isnan(nothing_caught.released_when_caught)
+    assert math.isnan(nothing_caught.caught_before_release)
 
 
 def test_the_choice_meets_the_target_with_the_most_detection_then_the_least_hold_back() -> None:
