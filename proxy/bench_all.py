@@ -89,6 +89,8 @@ WARMUP_ROW = Row(prompt=WARMUP_PROMPT, response="Ready")
 # An answer may end this much later than the upstream's schedule and still count as keeping pace.
 SUSTAINED_SLOWDOWN = 1.10
 PATHS = ("direct", "backtrack", "backtrack+guard", "litellm", "litellm+guard")
+# The LiteLLM path each Backtrack path is compared with in the ratios (LiteLLM paths get none).
+LITELLM_PEER = {"backtrack": "litellm", "backtrack+guard": "litellm+guard"}
 HOOK_MODULE = Path(__file__).resolve().parent / "bench_litellm_guard.py"
 HOOK_SETTINGS_ENV = "BACKTRACK_BENCH_GUARD"  # the hook reads its settings (JSON) from here
 # What the hook needs in LiteLLM's virtualenv, at the project's pins (requirements.txt).
@@ -551,9 +553,11 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     for (rate, path, concurrency), row in cell.items():
         if path == "direct":
             continue
-        direct, litellm = cell.get((rate, "direct", concurrency)), cell.get((rate, "litellm", concurrency))
+        # Like for like: Backtrack against LiteLLM; Backtrack's guard against LiteLLM's hook with it.
+        peer = LITELLM_PEER.get(path)
+        direct, litellm = cell.get((rate, "direct", concurrency)), cell.get((rate, peer, concurrency))
         extra = added.get((rate, path, concurrency))
-        litellm_extra = added.get((rate, "litellm", concurrency))
+        litellm_extra = added.get((rate, peer, concurrency))
         cpu = row["cpu_s_per_1k_chunks"]
         ratios.append({
             "rate": rate, "path": path, "concurrency": concurrency,
@@ -683,7 +687,7 @@ def markdown(report: dict[str, Any]) -> str:
         "### Ratios (same run)",
         "",
         "| upstream | streams | path | added TTFT p50 ms | vs LiteLLM's added TTFT "
-        "| CPU / 1k chunks vs direct | vs LiteLLM |",
+        "| CPU / 1k chunks vs direct | vs LiteLLM's |",
         "|---|--:|---|--:|--:|--:|--:|",
     ]
     for r in report["summary"]["ratios"]:
