@@ -93,6 +93,7 @@ class PathRun:
     samples: list[Sample]
     client_cpu_seconds: float = 0.0  # the load client's (this process)
     busy: float | None = None  # share of all CPUs of the machine busy meanwhile, from /proc/stat
+    upstream_cpu_seconds: float | None = None  # the upstream's, when it is not the server measured
 
     def summary(self) -> dict[str, Any]:
         chunks = sum(s.chunks for s in self.samples)
@@ -120,8 +121,18 @@ class PathRun:
             "chunks_per_s": chunks / self.seconds if self.seconds else None,
             "cpu_s_per_1k_chunks": self.cpu_seconds / chunks * 1000 if chunks else None,
             "client_cpu_s": self.client_cpu_seconds,
+            "upstream_cpu_s": self.upstream_cpu_seconds,
             "machine_busy": self.busy,
+            "other_load": self._other_load(),
         }
+
+    def _other_load(self) -> float | None:
+        """Share of the machine busy with something other than this run: other people's work (noise)."""
+        if self.busy is None or not self.seconds:
+            return None
+        ours = self.cpu_seconds + self.client_cpu_seconds + (self.upstream_cpu_seconds or 0.0)
+        capacity = (os.cpu_count() or 1) * self.seconds
+        return max(0.0, self.busy - ours / capacity)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -400,10 +411,11 @@ async def run_path(
     load: Load,
     workload: Workload,
     target: Target | None = None,
+    upstream: Server | None = None,
 ) -> PathRun:
     """Warm up, then drive `concurrency` streams at `target` (default: the server's chat completions).
 
-    CPU is the server's over the measured part only; a cut run counts up to the cut.
+    CPU is the server's (and `upstream`'s, apart) over the measured part only; a cut run counts up to the cut.
     """
     target = target or Target(server.url + "/v1/chat/completions")
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -428,6 +440,7 @@ async def run_path(
                 )
                 k += 1
 
+        upstream_before = upstream.cpu_seconds() if upstream else 0.0
         cpu_before, client_before, busy_before = server.cpu_seconds(), time.process_time(), _cpu_ticks()
         clock = time.perf_counter()
         await _bounded([stream(i) for i in range(concurrency)], load.cut_after)
@@ -435,8 +448,9 @@ async def run_path(
         cpu = server.cpu_seconds() - cpu_before
         client = time.process_time() - client_before
         busy_after = _cpu_ticks()
+        upstream_cpu = upstream.cpu_seconds() - upstream_before if upstream else None
     busy = _busy_share(busy_before, busy_after)
-    return PathRun(name, concurrency, seconds, cpu, samples, client, busy)
+    return PathRun(name, concurrency, seconds, cpu, samples, client, busy, upstream_cpu)
 
 
 async def _bounded(coroutines: list[Coroutine[Any, Any, None]], timeout: float | None) -> None:

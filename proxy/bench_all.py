@@ -24,8 +24,9 @@ would otherwise hold the run for minutes).
 Per path, rate and concurrency (times from sending the request, in ms): TTFT and inter-chunk gap p50/p99;
 added = path minus direct at the same rate and concurrency, quantile by quantile; the server's CPU seconds
 per 1,000 content chunks received (the upstream's for direct; the process and its children); the load
-client's own CPU and the share of the machine busy meanwhile; and for the guard, how often it answered
-too late and text went out unjudged (`backtrack_fail_open_total`). Per path and rate: peak RSS (VmHWM).
+client's own CPU, the share of the machine busy meanwhile and how much of that was no process of this
+run (others' work: noise); and for the guard, how often it answered too late and text went out
+unjudged (`backtrack_fail_open_total`). Per path and rate: peak RSS (VmHWM).
 At a paced rate a concurrency is *sustained* when no request failed or was cut, no text went out
 unjudged, and the slowest 1% of answers ended at most 10% later than the upstream's own schedule.
 
@@ -380,7 +381,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         target = _target(measured, name in litellms, rate, master_key)
                         guarded = name == "backtrack+guard"
                         fail_open = await _fail_open_count(session, measured) if guarded else None
-                        path_run = await run_path(measured, name, concurrency, load, workload, target)
+                        feeder = None if name == "direct" else paths["direct"]
+                        path_run = await run_path(measured, name, concurrency, load, workload, target, feeder)
                         summary = {"rate": rate, **path_run.summary()}
                         if fail_open is not None:
                             summary["unjudged"] = await _fail_open_count(session, measured) - fail_open
@@ -627,6 +629,10 @@ def targets(report: dict[str, Any], ratios: list[dict[str, Any]]) -> list[dict[s
 # --- report -------------------------------------------------------------------------------------------
 
 
+def _percent(share: float | None) -> str:
+    return "–" if share is None else f"{100 * share:.0f}%"
+
+
 def _mark(value: bool | None) -> str:
     return "–" if value is None else ("yes" if value else "**no**")
 
@@ -649,7 +655,7 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "| path | streams | requests | errors | cut | chunks | TTFT p50 / p99 | gap p50 / p99 "
             "| added TTFT | added gap | slowest answer / schedule p99 | sustained | server CPU s / 1k chunks "
-            "| client CPU s | machine busy | unjudged |",
+            "| client CPU s | machine busy (others) | unjudged |",
             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|--:|",
         ]
         for row in (r for r in report["results"] if r["rate"] == rate):
@@ -663,7 +669,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {format_pair(extra['gap_ms'], signed=True) if extra else ''} "
                 f"| {format_number(row['slowdown']['p99'], '.2f')} | {_mark(row['sustained'])} "
                 f"| {format_number(row['cpu_s_per_1k_chunks'], '.3f')} | {row['client_cpu_s']:.1f} "
-                f"| {format_number(row['machine_busy'] and 100 * row['machine_busy'], '.0f')}% "
+                f"| {_percent(row['machine_busy'])} ({_percent(row['other_load'])}) "
                 f"| {'' if unjudged is None else f'{unjudged:.0f}'} |"
             )
         lines.append("")
