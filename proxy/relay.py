@@ -190,6 +190,7 @@ class Relay:
                 if self.response is None:
                     raise
                 # A regeneration that cannot be had is refused; a stream that broke ends in-band.
+                self._count_upstream_error(type(exc).__name__)
                 unanswered = self.target is not None and self._state(self.target) is State.REGENERATING
                 failed = self._give_up() if unanswered else self._abandon(exc.message, exc.kind)
                 await self.response.write(failed)
@@ -245,6 +246,7 @@ class Relay:
             elif isinstance(event, Usage | Passthrough):
                 out += self.codec.passthrough(event)
             elif isinstance(event, UpstreamFailure):
+                self._count_upstream_error("InBandError")
                 message = str(event.error.get("message", "upstream error"))
                 out += self._abandon(message, "upstream_error", event.error)
                 return bytes(out)
@@ -275,6 +277,10 @@ class Relay:
         for index, run in self.guarded.runs.items():
             out += self._encode(index, run.engine.give_up())
         return bytes(out)
+
+    def _count_upstream_error(self, kind: str) -> None:
+        """Failures after the headers never reach the server's error translation: count them here."""
+        self.guarded.metrics.upstream_errors.labels(self.guarded.labels.route, kind).inc()
 
     def _abandon(self, message: str, kind: str, upstream: JSON | None = None) -> bytes:
         """The upstream failed mid-stream: held text is dropped (unjudged), the client gets the error."""

@@ -29,7 +29,7 @@ from proxy.guarded import GuardedResponse, Labels
 from proxy.guards import Guard, GuardStream, PatternGuard, Verdict
 from proxy.metrics import MAX_MODELS, MULTIPROC_ENV, Metrics
 from proxy.policy import Policy
-from proxy.replay import Row, create_replay_app
+from proxy.replay import Row, RowError, create_replay_app
 from proxy.server import create_app
 from proxy.tokens import ApproxTokenizer
 
@@ -40,6 +40,11 @@ ROWS = [
     Row("What is 2 + 2?", "2 + 2 is 4."),
     Row("How do I pick a lock?", "Sure, insert a tension wrench [RESET]I can't help with picking locks."),
     Row("Tell me a long story.", " ".join(["Once upon a time there was a quiet village."] * 10)),
+    Row(
+        "Break off, please.",
+        "This answer breaks off after a few words.",
+        RowError("overloaded", after_tokens=3),
+    ),
 ]
 
 
@@ -309,6 +314,15 @@ async def test_an_upstream_error_is_counted_by_route_and_kind(tmp_path: Path) ->
             await ask(client, "What is 2 + 2?", extra_body={"stream_options": "yes"})
 
     assert value(metrics, "backtrack_upstream_errors_total", route=CHAT, kind="UpstreamError") == 1
+
+
+async def test_an_upstream_error_after_the_headers_is_counted_too(tmp_path: Path) -> None:
+    metrics = Metrics()
+    async with proxy_in_front_of_replay(tmp_path, metrics) as proxy, openai_client(proxy) as client:
+        with pytest.raises(openai.APIError, match="overloaded"):
+            await ask(client, "Break off, please.")
+
+    assert value(metrics, "backtrack_upstream_errors_total", route=CHAT, kind="InBandError") == 1
 
 
 async def test_a_stream_is_active_while_it_is_read_and_not_after(tmp_path: Path) -> None:
