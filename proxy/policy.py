@@ -109,14 +109,16 @@ class Policy(_Frozen):
     audit: Literal["redacted", "kept"] = "redacted"
     strikes: Strikes | None = None  # None: a tenant's resets never change what it gets
 
-    @model_validator(mode="after")
-    def _actions(self) -> Policy:
-        if "default" not in self.actions:
-            raise ValueError("actions must have a 'default' entry")
-        for category, action in self.actions.items():
+    @field_validator("actions")
+    @classmethod
+    def _actions(cls, actions: dict[str, Action]) -> dict[str, Action]:
+        # A field validator, so that errors name 'actions' and show its value.
+        if "default" not in actions:
+            raise ValueError("must have a 'default' entry")
+        for category, action in actions.items():
             if action is Action.CONTINUE and category != UPSTREAM_RESET:
-                raise ValueError(f"actions.{category}: 'continue' is only for {UPSTREAM_RESET!r}")
-        return self
+                raise ValueError(f"'continue' is only for {UPSTREAM_RESET!r}, not for {category!r}")
+        return actions
 
     def action_for(self, category: str) -> Action:
         return self.actions.get(category, self.actions["default"])

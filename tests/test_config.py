@@ -194,11 +194,11 @@ def test_a_config_that_is_not_a_mapping_or_not_yaml_is_reported(tmp_path: Path) 
         ),
         (
             {"actions": {"violence": "refuse"}},
-            "'(top level)' Value error, actions must have a 'default' entry",
+            "'actions' Value error, must have a 'default' entry",
         ),
         (
             {"actions": {"default": "continue"}},
-            "'(top level)' Value error, actions.default: 'continue' is only",
+            "'actions' Value error, 'continue' is only for 'upstream_reset', not for 'default'",
         ),
         ({"fail_mode": "sideways"}, "'fail_mode' has value 'sideways'. Input should be 'open' or 'closed'"),
         ({"detectors": {"patterns": [{"category": "x", "regex": ["("]}]}}, "'detectors.patterns.0.regex'"),

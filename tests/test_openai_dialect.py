@@ -114,3 +114,16 @@ def test_finish_chunk_and_in_band_error():
     events = SSEDecoder().feed(in_band_error("upstream stream broke"))
     assert json.loads(events[0].data)["error"]["message"] == "upstream stream broke"
     assert events[1].data == "[DONE]"
+
+
+def test_a_choice_whose_delta_is_not_an_object_is_a_malformed_stream():
+    (event,) = feed_all(OpenAIDecoder, [chunk([{"index": 0, "delta": "text", "finish_reason": None}])])
+    assert isinstance(event, UpstreamFailure) and "malformed choice" in event.error["message"]
+
+
+def test_a_null_content_stays_null_and_text_replaces_it():
+    extra = {"index": 0, "delta": {"content": None, "tool_calls": [{"index": 0, "id": "t1"}]}}
+    obj = decode_chunk(OpenAIEncoder().piece(ENVELOPE, 0, Piece("", extra)))
+    assert obj["choices"][0]["delta"] == {"content": None, "tool_calls": [{"index": 0, "id": "t1"}]}
+    obj = decode_chunk(OpenAIEncoder().piece(ENVELOPE, 0, Piece("Hi", extra)))
+    assert obj["choices"][0]["delta"]["content"] == "Hi"

@@ -78,7 +78,12 @@ class OpenAIDecoder:
         self.template = {k: v for k, v in chunk.items() if k not in ("choices", "usage")}
         out: list[Event] = []
         for choice in choices:
-            if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
+            delta = choice.get("delta", {}) if isinstance(choice, dict) else None
+            if (
+                not isinstance(choice, dict)
+                or not isinstance(choice.get("index", 0), int)
+                or (self.chat and delta is not None and not isinstance(delta, dict))
+            ):
                 return [UpstreamFailure(_error("upstream sent a malformed choice"))]
             out += self._choice(choice)
         if chunk.get("usage") and not choices:
@@ -113,7 +118,7 @@ def _get_text(choice: JSON, chat: bool) -> str:
 def _carries_more(choice: JSON, chat: bool) -> bool:
     """Whether a choice without text still has something for the client (a role, tool calls, ...)."""
     if chat:
-        delta = choice.get("delta") or {}
+        delta = choice.get("delta") or {}  # an object or null: `_chunk` refused anything else
         return any(v is not None for k, v in delta.items() if k != "content") or bool(choice.get("logprobs"))
     return bool(choice.get("logprobs"))
 
@@ -134,7 +139,8 @@ class OpenAIEncoder:
         if self.chat:
             delta = choice.get("delta")
             delta = dict(delta) if isinstance(delta, dict) else {}
-            if piece.text or "content" in delta:
+            # A tool-call delta says `"content": null`; keep it null unless there is text to carry.
+            if piece.text or delta.get("content") is not None:
                 delta["content"] = piece.text
             choice["delta"] = delta
         else:
