@@ -78,6 +78,12 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     if url is None:
         demo, url = await start_demo_upstream()
         log.info("no upstream configured: serving the built-in demo upstream at %s", url)
+    if settings.upstream.api_key_env and settings.upstream.key() is None:
+        # Without this the client's own Authorization would go upstream, which the operator did not mean.
+        log.warning(
+            "upstream.api_key_env names %s, which is not set: clients' own keys are forwarded",
+            settings.upstream.api_key_env,
+        )
     # No pool limit: aiohttp's default of 100 connections would silently queue the 101st stream (with
     # no timeout) until one of the first hundred ended.
     session = aiohttp.ClientSession(
