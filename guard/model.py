@@ -74,6 +74,16 @@ def resolve_base(base: str) -> Path:
     return folder
 
 
+@dataclass
+class Segment:
+    """One stream's share of a packed incremental step."""
+
+    kv: Tensor  # (layers, 2, heads, capacity, head_dim), capacity >= past + n
+    past: int  # tokens already in the cache
+    start: int  # where its new tokens start in the packed batch
+    n: int  # how many new tokens
+
+
 class Block(nn.Module):
     """A post-LayerNorm BERT layer with causal self-attention and an optional KV cache."""
 
@@ -88,28 +98,40 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(
-        self, x: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        # x: (B, T, C); past k, v: (B, H, P, C/H); mask: (B, 1, T, P+T) bool, True = may attend
+    def forward(self, x: Tensor) -> Tensor:
+        """Full causal pass over right-padded sequences: (B, T, C) -> (B, T, C)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
         v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
-        new_k, new_v = k, v
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, H, P+T, D)
-            v = torch.cat([past[1], v], dim=2)
         p = self.drop.p if self.training else 0.0
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        return self._rest(x, y.transpose(1, 2).reshape(B, T, C))
+
+    def forward_packed(self, x: Tensor, layer: int, segments: list[Segment]) -> Tensor:
+        """Incremental pass, inference only: x (N, C) holds every stream's new tokens back to back.
+
+        The matmuls run over all N tokens at once with no padding; attention runs per stream, against
+        that stream's own cache, into which this layer's new keys and values are written first.
+        """
+        N, C = x.shape
+        H, D = self.n_heads, C // self.n_heads
+        q, k, v = (t.view(N, H, D).transpose(0, 1) for t in self.qkv(x).split(C, dim=1))  # (H, N, D)
+        y = torch.empty(H, N, D)
+        for s in segments:
+            a, b, L = s.start, s.start + s.n, s.past
+            s.kv[layer, 0, :, L : L + s.n] = k[:, a:b]
+            s.kv[layer, 1, :, L : L + s.n] = v[:, a:b]
+            keys, values = s.kv[layer, 0, :, : L + s.n], s.kv[layer, 1, :, : L + s.n]  # (H, L+n, D)
+            mask = torch.arange(L + s.n)[None, :] <= (L + torch.arange(s.n))[:, None]  # (n, L+n)
+            y[:, a:b] = F.scaled_dot_product_attention(q[:, a:b], keys, values, attn_mask=mask)
+        return self._rest(x, y.transpose(0, 1).reshape(N, C))
+
+    def _rest(self, x: Tensor, y: Tensor) -> Tensor:
         x = self.ln1(x + self.drop(self.attn_out(y)))
-        x = self.ln2(x + self.drop(self.down(F.gelu(self.up(x)))))
-        return x, new_k, new_v
+        out: Tensor = self.ln2(x + self.drop(self.down(F.gelu(self.up(x)))))
+        return out
 
 
 class GuardModel(nn.Module):
@@ -139,13 +161,13 @@ class GuardModel(nn.Module):
         positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         x = self.embed(ids, types, positions)
         for block in self.blocks[: self.cfg.n_frozen_layers]:
-            x, _, _ = block(x, None)
+            x = block(x)
         return x
 
     def upper(self, x: Tensor) -> Tensor:
         """The trained part, from the frozen layers' output to per-token logits: (B, T, C) -> (B, T)."""
         for block in self.blocks[self.cfg.n_frozen_layers :]:
-            x, _, _ = block(x, None)
+            x = block(x)
         logits: Tensor = self.head(x).squeeze(-1)
         return logits
 
@@ -153,21 +175,16 @@ class GuardModel(nn.Module):
         """Full causal pass over right-padded sequences: (B, T) -> logits (B, T)."""
         return self.upper(self.lower(ids, types))
 
-    def step(
-        self, ids: Tensor, types: Tensor, positions: Tensor, mask: Tensor, past: list[tuple[Tensor, Tensor]]
-    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Incremental pass: new tokens (B, T) attend to a padded cache (B, H, P, D) per layer.
+    def step(self, ids: Tensor, types: Tensor, positions: Tensor, segments: list[Segment]) -> Tensor:
+        """Incremental pass over packed new tokens (N,) of many streams: logits (N,).
 
-        `mask` (B, 1, T, P+T) says which keys each new token may see (its own stream's past, and its
-        own new tokens up to itself). Returns logits (B, T) and the new tokens' keys and values per layer.
+        Each segment's cache must have room for its new tokens; their keys and values are written there.
         """
-        x = self.embed(ids, types, positions)
-        new_kv = []
-        for block, kv in zip(self.blocks, past, strict=True):
-            x, k, v = block(x, mask, kv)
-            new_kv.append((k, v))
+        x = self.embed(ids[None], types[None], positions[None])[0]  # (N, C)
+        for i, block in enumerate(self.blocks):
+            x = block.forward_packed(x, i, segments)
         logits: Tensor = self.head(x).squeeze(-1)
-        return logits, new_kv
+        return logits
 
     def trainable_state(self) -> dict[str, Tensor]:
         """What a guard checkpoint holds: the trained top layers and the head."""

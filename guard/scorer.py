@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from guard.model import GuardModel, load_checkpoint, resolve_base
+from guard.model import GuardModel, Segment, load_checkpoint, resolve_base
 from guard.tokenize import GuardTokenizer, IncrementalTokenizer
 from proxy.errors import GuardError, GuardOverloaded
 from proxy.guards import Reset, Verdict
@@ -153,7 +153,7 @@ class BatchScorer:
     def _take_batch(self) -> list[_Item]:
         items: list[_Item] = []
         budget = self.max_batch_tokens
-        # Equal slices keep the padded batch dense; a stream with more left goes round again.
+        # Equal slices keep one long prefill from delaying every other stream's verdict.
         share = max(16, self.max_batch_tokens // max(1, len(self.queue)))
         while self.queue and budget > 0:
             state = self.queue.popleft()
@@ -203,41 +203,28 @@ class BatchScorer:
 
     @torch.no_grad()
     def _forward(self, items: list[_Item]) -> list[list[float]]:
-        """One pass over every item's new tokens; runs in a worker thread."""
+        """One packed pass over every item's new tokens; runs in a worker thread."""
         cfg = self.model.cfg
-        B, T = len(items), max(len(it.take) for it in items)
-        P = max(it.state.length for it in items)
         H, D = cfg.n_heads, cfg.hidden // cfg.n_heads
-        ids = torch.zeros(B, T, dtype=torch.long)
-        types = torch.zeros(B, T, dtype=torch.long)
-        positions = torch.zeros(B, T, dtype=torch.long)
-        past = torch.zeros(cfg.n_layers, 2, B, H, P, D)
-        mask = torch.zeros(B, 1, T, P + T, dtype=torch.bool)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        for b, it in enumerate(items):
-            n, L = len(it.take), it.state.length
-            ids[b, :n] = torch.tensor([t for t, _, _ in it.take])
-            types[b, :n] = torch.tensor([ty for _, ty, _ in it.take])
-            positions[b] = torch.arange(L, L + T).clamp(max=cfg.max_positions - 1)
-            if L and it.state.kv is not None:
-                past[:, :, b, :, :L] = it.state.kv[:, :, :, :L]
-            mask[b, 0, :, :L] = True
-            mask[b, 0, :, P:] = causal
-        logits, new_kv = self.model.step(ids, types, positions, mask, [(kv[0], kv[1]) for kv in past])
-        stacked = torch.stack([torch.stack(kv) for kv in new_kv])  # (layers, 2, B, H, T, D)
-        for b, it in enumerate(items):
+        ids, types, positions, segments = [], [], [], []
+        for it in items:
             n, L = len(it.take), it.state.length
             kv = it.state.kv
             if kv is None or kv.shape[3] < L + n:
-                capacity = min(cfg.max_positions, max(128, 2 * (L + n)))
-                grown = torch.zeros(cfg.n_layers, 2, H, capacity, D)
+                # Grow by doubling: a cache is copied O(log length) times, not at every step.
+                grown = torch.zeros(cfg.n_layers, 2, H, min(cfg.max_positions, max(64, 2 * (L + n))), D)
                 if kv is not None and L:
                     grown[:, :, :, :L] = kv[:, :, :, :L]
-                kv = grown
-            kv[:, :, :, L : L + n] = stacked[:, :, b, :, :n]
-            it.state.kv = kv
-            it.state.length = L + n
-        return [logits[b, : len(it.take)].tolist() for b, it in enumerate(items)]
+                kv = it.state.kv = grown
+            segments.append(Segment(kv, L, len(ids), n))
+            ids += [t for t, _, _ in it.take]
+            types += [ty for _, ty, _ in it.take]
+            positions += range(L, L + n)
+        logits = self.model.step(torch.tensor(ids), torch.tensor(types), torch.tensor(positions), segments)
+        out = logits.tolist()
+        for it, seg in zip(items, segments, strict=True):
+            it.state.length = seg.past + seg.n
+        return [out[seg.start : seg.start + seg.n] for seg in segments]
 
 
 class ResetRule:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from guard.model import from_base, load_checkpoint, save_checkpoint
+from guard.model import Segment, from_base, load_checkpoint, save_checkpoint
 
 
 def test_matches_transformers_bert_run_as_a_decoder(tiny_base: Path) -> None:
@@ -22,31 +22,32 @@ def test_matches_transformers_bert_run_as_a_decoder(tiny_base: Path) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_step_with_cache_equals_full_pass(tiny_base: Path) -> None:
+def test_packed_steps_with_caches_equal_full_passes(tiny_base: Path) -> None:
     model = from_base(str(tiny_base)).eval()
     torch.nn.init.normal_(model.head.weight)
-    ids = torch.randint(5, model.cfg.vocab_size, (1, 10))
-    types = torch.tensor([[0] * 4 + [1] * 6])
+    cfg = model.cfg
+    seqs = [torch.randint(5, cfg.vocab_size, (10,)), torch.randint(5, cfg.vocab_size, (7,))]
     with torch.no_grad():
-        full = model(ids, types)[0]
-        L = model.cfg.n_layers
-        H, D = model.cfg.n_heads, model.cfg.hidden // model.cfg.n_heads
-        past = [(torch.zeros(1, H, 0, D), torch.zeros(1, H, 0, D)) for _ in range(L)]
-        pieces = []
-        for lo, hi in [(0, 4), (4, 5), (5, 10)]:
-            n, p = hi - lo, past[0][0].shape[2]
-            mask = torch.cat(
-                [torch.ones(n, p, dtype=torch.bool), torch.ones(n, n, dtype=torch.bool).tril()], 1
+        full = [model(s[None], torch.ones_like(s)[None])[0] for s in seqs]
+        caches = [torch.zeros(cfg.n_layers, 2, cfg.n_heads, 16, cfg.hidden // cfg.n_heads) for _ in seqs]
+        got: list[list[float]] = [[], []]
+        # Two streams at different lengths share each step; one of them sits a step out.
+        for cuts in [((0, 4), (0, 1)), ((4, 5), (1, 7)), ((5, 10), None)]:
+            segments, ids, positions = [], [], []
+            for b, cut in enumerate(cuts):
+                if cut is None:
+                    continue
+                lo, hi = cut
+                segments.append(Segment(caches[b], lo, len(ids), hi - lo))
+                ids += seqs[b][lo:hi].tolist()
+                positions += range(lo, hi)
+            logits = model.step(
+                torch.tensor(ids), torch.ones(len(ids), dtype=torch.long), torch.tensor(positions), segments
             )
-            logits, new = model.step(
-                ids[:, lo:hi], types[:, lo:hi], torch.arange(lo, hi)[None], mask[None, None], past
-            )
-            past = [
-                (torch.cat([pk, k], 2), torch.cat([pv, v], 2))
-                for (pk, pv), (k, v) in zip(past, new, strict=True)
-            ]
-            pieces.append(logits[0])
-    torch.testing.assert_close(torch.cat(pieces), full, atol=1e-5, rtol=1e-4)
+            for b, seg in zip([b for b, c in enumerate(cuts) if c], segments, strict=True):
+                got[b] += logits[seg.start : seg.start + seg.n].tolist()
+    for b in range(2):
+        torch.testing.assert_close(torch.tensor(got[b]), full[b], atol=1e-5, rtol=1e-4)
 
 
 def test_checkpoint_holds_only_trained_weights_and_round_trips(tiny_base: Path, tmp_path: Path) -> None:
