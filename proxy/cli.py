@@ -66,7 +66,7 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         # aiohttp calls `print` once it listens, so the banner never announces a port it could not take.
         web.run_app(
-            create_app(settings), host=settings.server.host, port=settings.server.port,
+            app, host=settings.server.host, port=settings.server.port,
             print=lambda _: print(banner, flush=True), access_log=None,
         )  # fmt: skip
     except OSError as exc:  # the address is taken or not ours to listen on
