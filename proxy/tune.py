@@ -21,7 +21,8 @@ response token's logit is kept; the sweep afterwards runs no model.
   up to that many tokens, which a hold-back at least that large absorbs.
 
 Writes to the report folder: `sweep.csv` (the whole grid), `report.md` (the tables), two PNG plots,
-`operating_point.yaml` (the snippet) and `token_logits.jsonl` (the kept scores, one row per response).
+`operating_point.yaml` (the snippet) and `token_logits.jsonl` (the kept scores, one row per response;
+`--logits` sweeps them again, for another target or policy, without the model).
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ class Trace:
     reach: NDArray[np.float64]  # reach[j]: the highest k-token run minimum among tokens k-1 … j+k-1
     k: int
 
+    @classmethod
+    def of(cls, id: str, file: str, harmful: bool, logits: NDArray[np.float64], onset: int, k: int) -> Trace:
+        import numpy as np
+
+        if len(logits) >= k:
+            runs = np.lib.stride_tricks.sliding_window_view(logits, k).min(axis=1)
+            reach = np.maximum.accumulate(runs)
+        else:
+            reach = np.empty(0)
+        return cls(id, file, harmful, len(logits), min(onset, len(logits)), logits, reach, k)
+
     def first_reset(self, cuts: NDArray[np.float64]) -> NDArray[np.int64]:
         """Per cut, the token at which the rule fires, or -1 where it never does."""
         import numpy as np
@@ -76,15 +88,10 @@ def trace(scored: Scored, k: int, starts: Sequence[int], onset_char: int) -> Tra
     """A scored row's `Trace`; `starts` are its response tokens' character offsets."""
     import numpy as np
 
-    logits = np.asarray(scored.logits, dtype=np.float64)
-    if len(logits) >= k:
-        runs = np.lib.stride_tricks.sliding_window_view(logits, k).min(axis=1)
-        reach = np.maximum.accumulate(runs)
-    else:
-        reach = np.empty(0)
-    onset = bisect.bisect_left(starts, onset_char) if scored.row.harmful else 0
     row = scored.row
-    return Trace(row.id, row.file, bool(row.harmful), len(logits), min(onset, len(logits)), logits, reach, k)
+    logits = np.asarray(scored.logits, dtype=np.float64)
+    onset = bisect.bisect_left(starts, onset_char) if row.harmful else 0
+    return Trace.of(row.id, row.file, bool(row.harmful), logits, onset, k)
 
 
 @dataclass(frozen=True)
@@ -345,11 +352,24 @@ def score(
 
 
 def write_logits(path: Path, traces: Sequence[Trace]) -> None:
-    """The kept scores, one line per response: enough to redo any sweep without the model."""
+    """The kept scores, one line per response: enough to redo any sweep without the model (`--logits`)."""
     with path.open("w", encoding="utf-8") as f:
         for t in traces:
             line = {"id": t.id, "file": t.file, "harmful": t.harmful, "onset_token": t.onset, "k": t.k}
-            f.write(json.dumps({**line, "logits": [round(x, 4) for x in t.logits.tolist()]}) + "\n")
+            f.write(json.dumps({**line, "logits": t.logits.tolist()}) + "\n")
+
+
+def read_logits(path: Path) -> list[Trace]:
+    """The traces `write_logits` kept."""
+    import numpy as np
+
+    traces = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            logits = np.asarray(d["logits"], dtype=np.float64)
+            traces.append(Trace.of(d["id"], d["file"], d["harmful"], logits, d["onset_token"], d["k"]))
+    return traces
 
 
 # -- the command -------------------------------------------------------------------------------------
@@ -360,7 +380,11 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "tune", help="sweep a policy's logit_bias, threshold and hold-back on labelled data"
     )
-    p.add_argument("--data", type=Path, nargs="+", required=True, help="JSONL files in the shared schema")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, nargs="+", help="JSONL files in the shared schema")
+    source.add_argument(
+        "--logits", type=Path, help="a previous report's token_logits.jsonl: sweep again without the model"
+    )
     p.add_argument("--policy", required=True, help="policy name (policies/NAME.yaml) or YAML path")
     p.add_argument("--report", type=Path, required=True, help="folder for the table, plots and snippet")
     p.add_argument(
@@ -384,15 +408,20 @@ def register(subparsers: Any) -> None:
 
 def tune_command(args: argparse.Namespace) -> int:
     from guard.cli import resolve_policy
-    from guard.scorer import load_scorer
     from proxy.policy import load_policy
 
     policy = load_policy(resolve_policy(args.policy))
-    scorer = load_scorer(args.checkpoint, args.base, threads=args.threads)
-    traces = score(scorer, args.data, policy, args.limit, args.piece_tokens, args.concurrency)
+    if args.logits is not None:
+        sources, traces = [args.logits], read_logits(args.logits)
+    else:
+        from guard.scorer import load_scorer
+
+        scorer = load_scorer(args.checkpoint, args.base, threads=args.threads)
+        sources = args.data
+        traces = score(scorer, args.data, policy, args.limit, args.piece_tokens, args.concurrency)
     thresholds = sorted({*THRESHOLDS, policy.threshold})
     points = sweep(traces, thresholds=thresholds, holdbacks=sorted({*HOLDBACKS, policy.holdback_tokens}))
-    setup = Setup(policy, traces, args.data, args.target_false_reset, args.holdback_coverage)
+    setup = Setup(policy, traces, sources, args.target_false_reset, args.holdback_coverage)
     choice = choose(points, policy, setup.target, setup.coverage)
     write_report(args.report, setup, points, choice)
     print((args.report / "report.md").read_text(encoding="utf-8"), end="")

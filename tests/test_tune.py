@@ -185,3 +185,11 @@ def test_tune_writes_its_table_plots_and_a_snippet_the_policy_accepts(
     assert "| holdback_tokens | released when reset | released overall |" in markdown
     assert markdown in capsys.readouterr().out
     assert len((report / "token_logits.jsonl").read_text().splitlines()) == 6
+
+    # The kept scores sweep again without the model, to the same numbers.
+    again = tmp_path / "again"
+    logits = ["--logits", str(report / "token_logits.jsonl")]
+    common = ["--policy", str(policy_file), "--target-false-reset", "0.34"]
+    assert main(["tune", *logits, *common, "--report", str(again)]) == 0
+    assert (again / "sweep.csv").read_text() == (report / "sweep.csv").read_text()
+    assert (again / "operating_point.yaml").read_text().splitlines()[1:] == snippet.splitlines()[1:]
