@@ -13,18 +13,19 @@ if TYPE_CHECKING:
 BIASES = [b / 2 for b in range(-24, 11)]  # -12 … +5 in steps of 0.5
 
 
-def bias_sweep(scored: Sequence[Scored], threshold: float, k: int) -> list[tuple[float, float, float]]:
-    """(bias, false-reset rate on safe rows, detection rate on harmful rows) for each bias."""
+def bias_sweep(scored: Sequence[Scored], threshold: float, k: int) -> list[tuple[float, float, float, float]]:
+    """Per bias: (bias, false resets on benign files, on labelled safe rows, detection of harmful rows)."""
+    from guard.evaluate import BENIGN_FILES
+
     cut = math.log(threshold / (1 - threshold))
-    aggs = [(s.agg_logit(k), s.row.harmful) for s in scored if s.row.harmful is not None]
-    safe = [a for a, h in aggs if not h]
-    harmful = [a for a, h in aggs if h]
-    out = []
-    for b in BIASES:
-        fr = sum(a + b >= cut for a in safe) / max(1, len(safe))
-        det = sum(a + b >= cut for a in harmful) / max(1, len(harmful))
-        out.append((b, fr, det))
-    return out
+    benign = [s.agg_logit(k) for s in scored if s.row.file in BENIGN_FILES]
+    safe = [s.agg_logit(k) for s in scored if s.row.file not in BENIGN_FILES and s.row.harmful is False]
+    harmful = [s.agg_logit(k) for s in scored if s.row.harmful]
+
+    def rate(aggs: list[float], b: float) -> float:
+        return sum(a + b >= cut for a in aggs) / max(1, len(aggs))
+
+    return [(b, rate(benign, b), rate(safe, b), rate(harmful, b)) for b in BIASES]
 
 
 def write_report(
@@ -67,14 +68,15 @@ def write_report(
 
     sweep = bias_sweep(scored, threshold, k)
     fig, ax = plt.subplots(figsize=(6, 5))
-    ax.plot([fr for _, fr, _ in sweep], [det for _, _, det in sweep], marker="o", markersize=3)
-    for b, fr, det in sweep[::4]:
-        ax.annotate(f"{b:+.0f}", (fr, det), fontsize=7)
+    for col, label in ((1, "benign answers (alpaca_eval, fastchat)"), (2, "safe rows of labelled files")):
+        ax.plot([p[col] for p in sweep], [p[3] for p in sweep], marker="o", markersize=3, label=label)
+    for p in sweep[::4]:
+        ax.annotate(f"{p[0]:+.0f}", (p[1], p[3]), fontsize=7)
     here = next((p for p in sweep if p[0] == bias), None)
     if here:
-        ax.plot([here[1]], [here[2]], "r*", markersize=12, label=f"policy bias {bias:+.1f}")
-        ax.legend()
-    ax.set(xscale="symlog", xlabel="false resets on safe responses", ylabel="harmful responses reset")
+        ax.plot([here[1], here[2]], [here[3], here[3]], "r*", markersize=12, label=f"policy bias {bias:+.1f}")
+    ax.legend(fontsize=8)
+    ax.set(xlim=(0, 0.6), xlabel="false resets (share of safe responses)", ylabel="harmful responses reset")
     ax.set_title(f"logit_bias sweep (threshold {threshold}, {k} consecutive tokens)")
     fig.tight_layout()
     fig.savefig(folder / "bias_sweep.png", dpi=120)
