@@ -108,6 +108,7 @@ class AuditLog:
         self.spool_size = spool_size
         self.on_failure = on_failure
         self.paused = False  # the store failed; `resume` (the health check) lets the spool drain again
+        self.closing = False  # `run` ends: see `stop`
         self._wake = asyncio.Event()
 
     def record(self, event: dict[str, str]) -> None:
@@ -125,12 +126,17 @@ class AuditLog:
         self.paused = False
         self._wake.set()
 
+    def stop(self) -> None:
+        """End `run` (also when a cancellation was lost inside the store client)."""
+        self.closing = True
+        self._wake.set()
+
     async def run(self) -> None:
         """Drain the spool whenever there is something in it and the store is not known to be down."""
-        while True:
+        while not self.closing:
             await self._wake.wait()
             self._wake.clear()
-            if not self.paused:
+            if not self.paused and not self.closing:
                 await self.flush()
 
     async def flush(self) -> bool:

@@ -67,6 +67,10 @@ class Shared:
         self.up = True
         self.audit = AuditLog(store, metrics, config.spool_size, self.mark_down)
         self._pending: set[asyncio.Task[None]] = set()
+        self._followed: str | None = None  # the id of the latest reload announcement acted on
+        # Set before the tasks are cancelled. Python 3.11's wait_for (which redis-py's reads go through)
+        # can swallow a cancellation that lands as its read completes; the loops then end on this.
+        self.closing = False
         metrics.store_up.set(1)
 
     # -- health ----------------------------------------------------------------------------------------
@@ -87,6 +91,14 @@ class Shared:
         self.metrics.store_up.set(1)
         self.audit.resume()
 
+    async def skip_past_reloads(self) -> None:
+        """At start the policies are read fresh: earlier announcements need no reload here."""
+        with contextlib.suppress(StoreUnavailable):  # then the first one read is followed: harmless
+            last = await self.store.last_reload()
+            if last is not None:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    self._followed = str(json.loads(last)["id"])
+
     async def check(self) -> None:
         """Ping the store once and record the answer."""
         try:
@@ -98,7 +110,7 @@ class Shared:
                 self.mark_up()
 
     async def health(self) -> None:
-        while True:
+        while not self.closing:
             await asyncio.sleep(self.config.health_seconds)
             await self.check()
 
@@ -181,7 +193,10 @@ class Shared:
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
         # A refused reload changed nothing here: there is nothing for the others to follow.
-        announce = None if from_peer or error is not None else {"origin": self.replica, "reason": reason}
+        announce = None
+        if not from_peer and error is None:
+            announce = {"id": uuid.uuid4().hex, "origin": self.replica, "reason": reason}
+            self._followed = announce["id"]
         self._spawn(self._report(report, announce))
 
     async def _report(self, report: dict[str, Any], announce: dict[str, Any] | None) -> None:
@@ -194,8 +209,12 @@ class Shared:
             log.warning("reload (%s) not reported to the fleet: the store is unavailable", report["reason"])
 
     async def listen(self) -> None:
-        """Follow the other replicas' reloads; resubscribes after an outage."""
-        while True:
+        """Follow the other replicas' reloads; resubscribes after an outage.
+
+        Pub/sub keeps nothing for a replica that is not listening at that moment, so each quiet
+        `health_seconds` the latest announcement is read as well: a missed one is followed late.
+        """
+        while not self.closing:
             try:
                 sub = await self.store.subscribe_reloads()
             except StoreUnavailable as exc:
@@ -203,8 +222,10 @@ class Shared:
                 await asyncio.sleep(self.config.health_seconds)
                 continue
             try:
-                while True:
+                while not self.closing:
                     message = await sub.get(timeout=self.config.health_seconds)
+                    if message is None:
+                        message = await self.store.last_reload()
                     if message is not None:
                         await self._follow(message)
             except StoreUnavailable as exc:
@@ -215,10 +236,14 @@ class Shared:
 
     async def _follow(self, message: str) -> None:
         try:
-            origin = str(json.loads(message)["origin"])
+            announced = json.loads(message)
+            key, origin = str(announced["id"]), str(announced["origin"])
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed message on the reload channel")
             return
+        if key == self._followed:
+            return
+        self._followed = key
         if origin != self.replica:
             with contextlib.suppress(ConfigError):  # logged, counted and reported by the store itself
                 await self.policies.reload(FLEET_REASON + origin)
@@ -248,6 +273,7 @@ async def shared_ctx(settings: Settings, metrics: Metrics, app: web.Application)
     policies = app[POLICY_STORE]
     shared = Shared(store, StoreMetrics(metrics.registry), policies, config)
     await shared.check()  # an outage at start is tolerated: the proxy serves, the spool waits
+    await shared.skip_past_reloads()
     policies.listeners.append(shared.on_reload)
     app[SHARED] = shared
     tasks = [
@@ -259,6 +285,8 @@ async def shared_ctx(settings: Settings, metrics: Metrics, app: web.Application)
         yield
     finally:
         policies.listeners.remove(shared.on_reload)
+        shared.closing = True
+        shared.audit.stop()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

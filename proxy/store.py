@@ -5,8 +5,8 @@ What replicas share (DESIGN.md, State):
     audit      an append-only log of resets and flags, bounded in length; an append is idempotent on
                the event's `id`, so a retry after a lost reply never writes an event twice
     strikes    per tenant, the times of its recent resets (a sliding window read by `strikes`)
-    reloads    a channel on which a replica announces a policy reload, and a table of each replica's
-               latest reload result
+    reloads    a channel on which a replica announces a policy reload, the latest announcement (for a
+               replica that missed it while disconnected), and each replica's latest reload result
 
 `MemoryStore` is the embedded default: one process, nothing to run. `RedisStore` keeps the audit log in
 a Redis Stream (XADD with MAXLEN ~), strikes in one sorted set per tenant with a TTL, reloads on a
@@ -75,7 +75,11 @@ class Store(Protocol):
         ...
 
     async def publish_reload(self, message: str) -> None:
-        """Announce a reload to every subscriber, this process's included."""
+        """Announce a reload to every subscriber, this process's included; it becomes the latest."""
+        ...
+
+    async def last_reload(self) -> str | None:
+        """The latest announcement (None before any)."""
         ...
 
     async def subscribe_reloads(self) -> Subscription:
@@ -125,6 +129,7 @@ class MemoryStore:
         self._strikes: dict[str, list[tuple[float, str]]] = {}
         self._subscribers: set[_MemorySubscription] = set()
         self._reports: dict[str, str] = {}
+        self._last_reload: str | None = None
 
     async def ping(self) -> None:
         return None
@@ -142,9 +147,9 @@ class MemoryStore:
     async def read_audit(self, after: str | None = None, count: int = PAGE) -> list[AuditEntry]:
         entries = list(self._audit)
         if after is not None:
-            ids = [entry_id for entry_id, _ in entries]
-            start = ids.index(after) + 1 if after in ids else 0
-            entries = entries[start:]
+            # By sequence number, as Redis compares ids: an id trimmed away still marks a place.
+            last = int(after.rpartition("-")[2])
+            entries = [e for e in entries if int(e[0].rpartition("-")[2]) > last]
         return entries[:count]
 
     async def add_strike(self, tenant: str, member: str, at: float, keep_seconds: float) -> None:
@@ -155,8 +160,12 @@ class MemoryStore:
         return [t for t, _ in self._strikes.get(tenant, []) if t >= since]
 
     async def publish_reload(self, message: str) -> None:
+        self._last_reload = message
         for sub in self._subscribers:
             sub.queue.put_nowait(message)
+
+    async def last_reload(self) -> str | None:
+        return self._last_reload
 
     async def subscribe_reloads(self) -> Subscription:
         sub = _MemorySubscription(self)
@@ -228,6 +237,7 @@ class RedisStore:
         self.seen_prefix = f"{prefix}:audit:seen:"
         self.strikes_prefix = f"{prefix}:strikes:"
         self.reload_channel = f"{prefix}:reload"
+        self.last_reload_key = f"{prefix}:reload:last"
         self.reports_key = f"{prefix}:reloads"
         self._append = self.client.register_script(_APPEND)
 
@@ -267,7 +277,15 @@ class RedisStore:
 
     async def publish_reload(self, message: str) -> None:
         with _translated("publish reload"):
-            await self.client.publish(self.reload_channel, message)
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.last_reload_key, message)
+                pipe.publish(self.reload_channel, message)
+                await pipe.execute()
+
+    async def last_reload(self) -> str | None:
+        with _translated("read the latest reload"):
+            found = await self.client.get(self.last_reload_key)
+        return None if found is None else str(found)
 
     async def subscribe_reloads(self) -> Subscription:
         pubsub = self.client.pubsub()

@@ -107,6 +107,13 @@ async def test_a_published_reload_reaches_every_subscriber(store: Store) -> None
         await second.close()
 
 
+async def test_the_latest_announcement_stays_for_whoever_missed_it(store: Store) -> None:
+    assert await store.last_reload() is None
+    await store.publish_reload("first")
+    await store.publish_reload("second")
+    assert await store.last_reload() == "second"
+
+
 async def test_a_closed_subscription_receives_nothing_more(store: Store) -> None:
     sub = await store.subscribe_reloads()
     await sub.close()
