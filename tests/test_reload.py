@@ -104,8 +104,12 @@ async def refusal(session: aiohttp.ClientSession, root: str, **headers: str) -> 
     """Ask SLOW_UNSAFE: (X-Backtrack-Policy, the refusal that replaced its unsafe end)."""
     policy, text = await answer(session, root, SLOW_UNSAFE["prompt"], **headers)
     assert "bomb" not in text
-    # Where the counting is cut depends on how the upstream's pieces fell; the refusal follows it.
-    return policy, text.removeprefix(COUNTING).lstrip(". ")
+    # How much of the safe start is released depends on how the upstream's pieces fell; the refusal
+    # follows it, whatever it is.
+    response = SLOW_UNSAFE["response"]
+    released = next((i for i, (a, b) in enumerate(zip(text, response, strict=False)) if a != b), len(text))
+    assert released >= len(COUNTING)
+    return policy, text[released:]
 
 
 async def metric(session: aiohttp.ClientSession, root: str, name: str) -> float:
