@@ -62,6 +62,7 @@ class Live:
         """The policy the request gets (see `proxy.selection`) and that policy's guard."""
         requested = headers.get(POLICY_HEADER, "").strip() or None  # an empty header asks for nothing
         choice = self.selector.choose(tenant, model, route, requested)
+        log.debug("policy %s by %s for tenant %s", choice.policy.name, choice.reason, choice.tenant)
         return choice.policy, self.guards[choice.policy.name]
 
 

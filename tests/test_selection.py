@@ -242,3 +242,19 @@ def test_backtrack_hash_key_reads_the_key_from_stdin(
 
     assert main(["hash-key"]) == 0
     assert capsys.readouterr().out == hash_key("test") + "\n"
+
+
+async def test_a_missing_key_is_refused_in_each_routes_error_format(harness: Harness) -> None:
+    upstream = await harness.replay()
+    root = await harness.proxy(upstream, extra={"tenants": [{"name": "a", "key_sha256": [hash_key("sk-a")]}]})
+    session = await harness.session()
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+
+    async with session.post(f"{root}/v1/messages", json=chat, headers={"x-api-key": "sk-b"}) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["type"] == "error"  # Anthropic's envelope
+    async with session.post(f"{root}/api/chat", json=chat) as resp:
+        assert resp.status == 401
+        assert "needs an API key" in (await resp.json())["error"]  # Ollama's: a plain string
+    async with session.post(f"{root}/v1/messages", json=chat, headers={"x-api-key": "sk-a"}) as resp:
+        assert resp.status == 200
