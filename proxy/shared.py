@@ -6,11 +6,13 @@ else memory) and runs three background tasks beside the handlers:
     health   pings the store every `redis.health_seconds`; `backtrack_store_up` and `/readyz` show the
              result, and the audit spool drains again once an outage ends
     audit    drains the spool of audit events into the store, in order (`proxy.audit`)
-    fleet    listens on the reload channel: a reload another replica made is made here too
+    fleet    listens on the reload channel, and reads the latest announcement when the channel is
+             quiet (to catch one missed while disconnected): a reload another replica made is made
+             here too
 
 Failure modes: with the store down the proxy serves as before. Strikes fail open (a strike that cannot
 be counted is not counted; a count that cannot be read does not escalate), audit events wait in the
-spool, and a reload is made here but not announced (pub/sub keeps no messages for absent listeners).
+spool, and a reload made here during the outage is not announced (the others follow the next one).
 
 Strikes: each reset of a tenant's request (not a flag, not a guard outage) is a strike, recorded under
 the tenant's name at the time it happened. When the policy chosen for a tenant's request has `strikes`,
@@ -83,6 +85,7 @@ class Shared:
         self.metrics.store_up.set(0)
 
     def mark_up(self) -> None:
+        """The store answers again: strikes count again and the audit spool drains."""
         if not self.up:
             log.info(
                 "shared state (%s) is back; %d audit events to flush", self.store.kind, len(self.audit.spool)
@@ -110,6 +113,7 @@ class Shared:
                 self.mark_up()
 
     async def health(self) -> None:
+        """Ping the store every `health_seconds` until closing."""
         while not self.closing:
             await asyncio.sleep(self.config.health_seconds)
             await self.check()
@@ -168,7 +172,7 @@ class Shared:
             return policy, guard
         if rule.escalate_to is None:
             self.metrics.strike_escalations.labels(policy.name, "reject").inc()
-            # The count drops below the limit once the oldest strikes past `limit - 1` have left the window.
+            # Below the limit again once its `len(times) - limit + 1` oldest strikes have left the window.
             leaves = times[len(times) - rule.limit] + rule.window_seconds
             raise TooManyRequests(
                 f"Too many unsafe responses for this key: {len(times)} in the last "

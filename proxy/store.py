@@ -46,7 +46,9 @@ class Subscription(Protocol):
         """The next message, or None when none came within `timeout` seconds."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Unsubscribe and release the connection."""
+        ...
 
 
 class Store(Protocol):
@@ -94,7 +96,9 @@ class Store(Protocol):
         """Every replica's latest reload result."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release connections; the store is not used after this."""
+        ...
 
 
 # -- in memory ---------------------------------------------------------------------------------------
