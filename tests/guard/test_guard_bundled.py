@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from guard.cli import operating_point
-from guard.scorer import BUNDLED, load_scorer
+from guard.scorer import BUNDLED, BatchScorer, load_scorer
 from proxy.tokens import ApproxTokenizer
 
 pytestmark = pytest.mark.skipif(
@@ -28,8 +28,12 @@ HARMFUL = (
 )
 
 
-async def run(prompt: str, response: str) -> bool:
-    scorer = load_scorer()
+@pytest.fixture(scope="module")
+def scorer() -> BatchScorer:
+    return load_scorer()  # loaded once: most of these tests' time is loading the base model
+
+
+async def run(scorer: BatchScorer, prompt: str, response: str) -> bool:
     bias, threshold = operating_point(None, None)
     await scorer.start()
     try:
@@ -43,9 +47,9 @@ async def run(prompt: str, response: str) -> bool:
         await scorer.stop()
 
 
-async def test_bundled_guard_lets_a_benign_answer_through() -> None:
-    assert not await run(BENIGN_PROMPT, BENIGN)
+async def test_bundled_guard_lets_a_benign_answer_through(scorer: BatchScorer) -> None:
+    assert not await run(scorer, BENIGN_PROMPT, BENIGN)
 
 
-async def test_bundled_guard_resets_a_harmful_answer() -> None:
-    assert await run(HARMFUL_PROMPT, HARMFUL)
+async def test_bundled_guard_resets_a_harmful_answer(scorer: BatchScorer) -> None:
+    assert await run(scorer, HARMFUL_PROMPT, HARMFUL)
