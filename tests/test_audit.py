@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import pytest
+from harness import MARKED, WORDY, Harness, chat_text, policy
 from prometheus_client import CollectorRegistry
 
 from proxy.audit import AuditLog, RequestInfo, audit_event, export_row, parse_since
@@ -14,6 +15,8 @@ from proxy.engine import Flagged, ResetEvent
 from proxy.metrics import StoreMetrics
 from proxy.policy import Action, Policy
 from proxy.selection import Tenant, hash_key
+from proxy.server import create_app
+from proxy.shared import SHARED
 from proxy.store import MemoryStore, StoreUnavailable
 
 KEY = "sk-SECRET-tenant-key"
@@ -174,3 +177,21 @@ async def test_a_full_spool_drops_its_oldest_events_and_counts_them(caplog: pyte
     assert value(metrics, "dropped") == 2
     assert "audit spool full (3 events): dropped event e0" in caplog.text
     assert metrics.audit_spooled._value.get() == 3
+
+
+async def test_through_the_proxy_a_flag_and_a_reset_each_become_one_event(harness: Harness) -> None:
+    upstream = await harness.replay([WORDY, MARKED])
+    flagging = policy(actions={"default": "refuse", "weapons": "flag", "upstream_reset": "continue"})
+    app = create_app(harness.settings(upstream, flagging))
+    root = await harness.serve(app)
+    client = await harness.client(root)
+    assert "bomb" in await chat_text(client, WORDY["prompt"])  # flagged, let through
+    await chat_text(client, MARKED["prompt"])  # the upstream's own [RESET]
+    shared = app[SHARED]
+    assert await shared.audit.flush()
+    events = [fields for _, fields in await shared.store.read_audit()]
+    assert [(e["kind"], e["category"], e["action"]) for e in events] == [
+        ("flag", "weapons", "flag"),
+        ("reset", "upstream_reset", "continue"),
+    ]
+    assert {e["tenant"] for e in events} == {""}  # no tenants configured
