@@ -46,6 +46,7 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -857,6 +858,10 @@ def _argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _unwind(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark, print its tables, write them, the JSON and the plots to `--out`.
 
@@ -869,12 +874,18 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     args.rates = [rate or None for rate in args.rates]
-    with tempfile.TemporaryDirectory(prefix="backtrack-bench-all-") as workdir:
-        try:
+    # A run minutes long gets stopped: SIGTERM, or SIGINT in a background job (which starts out ignoring
+    # it), must unwind through `servers()` so that no server is left running.
+    previous = {sig: signal.signal(sig, _unwind) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with tempfile.TemporaryDirectory(prefix="backtrack-bench-all-") as workdir:
             report = asyncio.run(run(args, Path(workdir)))
-        except BacktrackError as exc:
-            print(f"backtrack bench all: error: {exc.message}", file=sys.stderr)
-            return 1
+    except BacktrackError as exc:
+        print(f"backtrack bench all: error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     table = markdown(report)
     print(table)
     if args.out is not None:
