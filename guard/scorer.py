@@ -79,7 +79,8 @@ class BatchScorer:
         self.wake = asyncio.Event()
         self.worker: asyncio.Task[None] | None = None
         self.inflight: list[_Item] = []
-        self.batch_sizes: list[int] = []  # streams per forward pass, for metrics and the bench
+        # Streams per forward pass, recent ones only: for the batch-size metric and the bench.
+        self.batch_sizes: deque[int] = deque(maxlen=4096)
 
     async def start(self) -> None:
         if self.threads:

@@ -98,7 +98,7 @@ async def test_many_streams_batched_give_the_verdicts_of_one_by_one(scorer: Batc
     together = await asyncio.gather(*(stream(scorer, r, 4, -9.0, 0.6) for r in RESPONSES for _ in range(2)))
     assert [[key(v) for v in vs] for vs in together] == [[key(v) for v in vs] for vs in alone]
     assert {v[-1].reset is None for v in alone} == {True, False}  # the bias gives passes and resets
-    assert max(scorer.batch_sizes[sizes_before:]) > 1  # they really shared forward passes
+    assert max(list(scorer.batch_sizes)[sizes_before:]) > 1  # they really shared forward passes
 
 
 async def test_long_streams_roll_over_past_the_position_limit(tiny_checkpoint: Path) -> None:
