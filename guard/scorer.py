@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,8 @@ class BatchScorer:
         self.inflight: list[_Item] = []
         # Streams per forward pass, recent ones only: for the batch-size metric and the bench.
         self.batch_sizes: deque[int] = deque(maxlen=4096)
+        # Called with each forward pass's stream count (the proxy observes its batch-size histogram).
+        self.on_batch: Callable[[int], None] | None = None
 
     async def start(self) -> None:
         if self.threads:
@@ -148,6 +151,8 @@ class BatchScorer:
                         self._fail(item.state, GuardError(f"guard model failed: {exc!r}"))
                     continue
                 self.batch_sizes.append(len(items))
+                if self.on_batch is not None:
+                    self.on_batch(len(items))
                 for item, row in zip(items, logits, strict=True):
                     self._finish(item, row)
 

@@ -124,6 +124,7 @@ async def guard_ctx(app: web.Application) -> AsyncIterator[None]:
             max_batch_tokens=settings.guard.max_batch_tokens,
             queue_size=settings.guard.queue_size,
         )
+        scorer.on_batch = app[METRICS].guard_batch_size.observe
         await scorer.start()
         app[SCORER] = scorer
     app[POLICY_STORE] = PolicyStore(

@@ -14,6 +14,7 @@ from harness import Harness
 
 from guard.scorer import BUNDLED
 from proxy.config import load_settings
+from proxy.metrics import Metrics
 from proxy.server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +42,8 @@ async def test_the_default_policy_guards_with_the_bundled_model(harness: Harness
     settings = load_settings(ROOT / "config.yaml", upstream=await harness.replay([BENIGN, HARMFUL]), env={})
     default = settings.policy()
     assert default.detectors.model.enabled
-    client = await harness.client(await harness.serve(create_app(settings)))
+    metrics = Metrics()
+    client = await harness.client(await harness.serve(create_app(settings, metrics)))
 
     async def ask(prompt: str) -> tuple[str, list[dict[str, object]]]:
         stream = await client.chat.completions.create(
@@ -65,3 +67,5 @@ async def test_the_default_policy_guards_with_the_bundled_model(harness: Harness
     assert text.endswith(default.message_for("unsafe"))
     # Nothing from the numbered steps reached the client, even before it mended its display.
     assert "gunpowder" not in text and "fuse" not in text
+    # The scorer's forward passes are observed: the guard model really did the reading.
+    assert (metrics.registry.get_sample_value("backtrack_guard_batch_size_count") or 0) > 0
