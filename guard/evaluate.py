@@ -201,7 +201,7 @@ def sweep_operating_points(scored: Sequence[Scored], threshold: float) -> list[d
     labelled = [s for s in scored if s.row.file not in BENIGN_FILES and s.row.harmful is not None]
     benign = [s for s in scored if s.row.file in BENIGN_FILES]
     harmful = np.array([bool(s.row.harmful) for s in labelled])
-    best = []
+    best: list[dict[str, float]] = []
     for k in (1, 2, 3, 4):
         agg = np.array([s.agg_logit(k) for s in labelled])
         early = np.array([Scored(s.row, s.logits[:EARLY_TOKENS]).agg_logit(k) for s in labelled])

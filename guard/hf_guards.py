@@ -116,8 +116,8 @@ class ResetLMGuard:
     ) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model: Any = AutoModelForCausalLM.from_pretrained(str(folder))
-        self.model.eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(str(folder))
+        self.model = model.eval()
         self.tokenizer = TextTokenizer(folder)
         reset_id = self.tokenizer.tok.token_to_id(marker)
         if reset_id is None:

@@ -182,6 +182,7 @@ class GuardModel(nn.Module):
         """
         x = self.embed(ids[None], types[None], positions[None])[0]  # (N, C)
         for i, block in enumerate(self.blocks):
+            assert isinstance(block, Block)  # ModuleList items are typed as Module
             x = block.forward_packed(x, i, segments)
         logits: Tensor = self.head(x).squeeze(-1)
         return logits

@@ -212,7 +212,10 @@ class BatchScorer:
         """One packed pass over every item's new tokens; runs in a worker thread."""
         cfg = self.model.cfg
         H, D = cfg.n_heads, cfg.hidden // cfg.n_heads
-        ids, types, positions, segments = [], [], [], []
+        ids: list[int] = []
+        types: list[int] = []
+        positions: list[int] = []
+        segments: list[Segment] = []
         for it in items:
             n, L = len(it.take), it.state.length
             kv = it.state.kv
