@@ -1,8 +1,9 @@
 """`backtrack bench all`: tiny runs of every path; it runs, parses and writes its tables and plots.
 
-No timing is asserted anywhere: the numbers depend on the machine. The guard path runs a tiny random
-guard built here (no download, a head that never fires). The LiteLLM path runs only where
-`backtrack bench all` has already installed LiteLLM's virtualenv: the tests never install it.
+No timing is asserted anywhere: the numbers depend on the machine. A stream is cut only after 120 s,
+so a cut in these tiny runs means a hang, not a slow machine. The guard path runs a tiny random guard
+built here (no download, a head that never fires). The LiteLLM path runs only where `backtrack bench
+all` has already installed LiteLLM's virtualenv: the tests never install it.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def test_a_tiny_run_of_direct_backtrack_and_the_guard_writes_tables_json_and_plo
 ) -> None:
     before = children()
     code = main(
-        ["bench", "all", "--concurrency", "1", "--rates", "0,500", "--seconds", "0.2", "--max-seconds", "30",
+        ["bench", "all", "--concurrency", "1", "--rates", "0,500", "--seconds", "0.2", "--max-seconds", "120",
          "--checkpoint", str(tiny_guard), "--guard-streams", "1", "--skip-litellm", "--out", str(tmp_path)]
     )  # fmt: skip
 
@@ -110,7 +111,7 @@ def test_a_tiny_run_through_litellm_gives_the_ratios_to_it(tiny_guard: Path, tmp
     hook = litellm_guard_installed(DEFAULT_LITELLM_VENV)
     before = children()
     code = main(
-        ["bench", "all", "--concurrency", "1", "--rates", "0", "--seconds", "0.2",
+        ["bench", "all", "--concurrency", "1", "--rates", "0", "--seconds", "0.2", "--max-seconds", "120",
          "--checkpoint", str(tiny_guard), "--guard-streams", "1", "--out", str(tmp_path),
          *([] if hook else ["--skip-litellm-guard"])]
     )  # fmt: skip
