@@ -10,10 +10,12 @@ Everything the proxy does not read rides along untouched in `Piece.extra`, `Choi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.engine import Piece, ResetEvent
+from proxy.errors import ClientError
 
 JSON = dict[str, Any]
 
@@ -178,3 +180,25 @@ def reset_object(event: ResetEvent) -> JSON:
 def backtrack_summary(resets: list[JSON]) -> JSON:
     """The `backtrack` object of a non-streamed answer: its one reset, or all of them."""
     return resets[0] if len(resets) == 1 else {"event": "resets", "resets": resets}
+
+
+def json_body(raw: bytes) -> JSON:
+    """A request body as a JSON object, or the `ClientError` that says why it is not one."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ClientError("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ClientError("The request body must be a JSON object.")
+    return body
+
+
+def model_and_stream(body: JSON, *, stream_default: bool) -> tuple[str, bool]:
+    """The fields every dialect's request has: `model`, and whether to stream (each API's default)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ClientError("'model' is required and must be a non-empty string.")
+    stream = body.get("stream", stream_default)
+    if not isinstance(stream, bool):
+        raise ClientError(f"'stream' must be a boolean, not {type(stream).__name__}.")
+    return model, stream

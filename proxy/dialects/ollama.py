@@ -15,7 +15,6 @@ still come, and the client gets one `done` line with them. When the answer was r
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +28,9 @@ from proxy.dialects.base import (
     Passthrough,
     UpstreamFailure,
     Usage,
+    json_body,
     last_text,
+    model_and_stream,
     reset_object,
     trailing_assistant,
     without_trailing_assistant,
@@ -107,19 +108,8 @@ class OllamaRequest:
 
 def parse_request(raw: bytes, *, chat: bool) -> OllamaRequest:
     """Validate what the proxy relies on; everything else goes to the upstream untouched."""
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise ClientError("invalid JSON in the request body") from None
-    if not isinstance(body, dict):
-        raise ClientError("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ClientError("model is required")
-    # Ollama streams unless told not to.
-    stream = body.get("stream", True)
-    if not isinstance(stream, bool):
-        raise ClientError(f"stream must be a boolean, not {type(stream).__name__}")
+    body = json_body(raw)
+    model, stream = model_and_stream(body, stream_default=True)  # Ollama streams unless told not to
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:

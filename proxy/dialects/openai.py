@@ -25,7 +25,9 @@ from proxy.dialects.base import (
     Passthrough,
     UpstreamFailure,
     Usage,
+    json_body,
     last_text,
+    model_and_stream,
     reset_object,
     trailing_assistant,
     without_trailing_assistant,
@@ -270,18 +272,8 @@ class OpenAIRequest:
 
 def parse_request(raw: bytes, *, chat: bool) -> OpenAIRequest:
     """Validate what the proxy relies on; everything else goes to the upstream untouched."""
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise ClientError("The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise ClientError("The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ClientError("'model' is required and must be a string.")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ClientError(f"'stream' must be a boolean, not {type(stream).__name__}.")
+    body = json_body(raw)
+    model, stream = model_and_stream(body, stream_default=False)
     n = body.get("n", 1)
     if n is None:
         n = 1
