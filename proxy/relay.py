@@ -121,7 +121,9 @@ class Relay:
         self.ended = False  # the client's stream has its end (or an in-band error)
         self.pending: list[int] = []  # choices waiting to be asked for again, in order
         self.target: int | None = None  # the choice a regeneration request answers (None: all of them)
-        self.shown: dict[int, str] = {}  # per choice: the current attempt's released text, prefill included
+        # Per choice: the current attempt's released pieces, prefill included (joined only for `inject`:
+        # appending to one string per chunk would copy the whole answer every time).
+        self.shown: dict[int, list[str]] = {}
         self.inject: dict[int, str] = {}  # per choice: the answer's start to ask again with (`inject`)
 
     def run(self, index: int) -> ChoiceRun:
@@ -148,7 +150,7 @@ class Relay:
         if run.engine.state is State.REGENERATING:
             run.engine.begin_attempt()
             self.guarded.restart_guard(run)
-        self.shown[index] = ""
+        self.shown[index] = []
         return run
 
     # -- streaming -----------------------------------------------------------------------------------
@@ -295,7 +297,7 @@ class Relay:
         run = self.guarded.runs[index]
         for o in outputs:
             if isinstance(o, Release):
-                self.shown[index] = self.shown.get(index, "") + o.piece.text
+                self.shown.setdefault(index, []).append(o.piece.text)
                 if o.piece.extra is PREFILL:
                     continue  # the client wrote it
                 out += self.codec.piece(index, o.piece)
@@ -303,8 +305,8 @@ class Relay:
             elif isinstance(o, ResetEvent):
                 out += self.codec.reset(index, o)
                 if o.action is Action.INJECT:
-                    self.inject[index] = self.shown.get(index, "") + o.discarded + self.marker
-                self.shown[index] = ""
+                    self.inject[index] = "".join(self.shown.get(index, ())) + o.discarded + self.marker
+                self.shown[index] = []
             elif isinstance(o, Finish):
                 rest = run.upstream_rest if o.reason == run.upstream_reason else None
                 out += self.codec.finish(index, o.reason, rest)
