@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from fakes import ANTHROPIC_MESSAGE
 
 from proxy.dialects.anthropic import AnthropicCodec, parse_request
 from proxy.dialects.base import ChoiceFinish, ChoicePiece, Done, Passthrough, UpstreamFailure
@@ -10,16 +11,7 @@ from proxy.errors import ClientError
 from proxy.policy import Action
 from transcripts import feed_all, splits
 
-MESSAGE = {
-    "id": "msg_1",
-    "type": "message",
-    "role": "assistant",
-    "content": [],
-    "model": "claude",
-    "stop_reason": None,
-    "stop_sequence": None,
-    "usage": {"input_tokens": 5, "output_tokens": 1},
-}
+MESSAGE = ANTHROPIC_MESSAGE
 
 
 def sse(event: dict) -> bytes:

@@ -8,6 +8,7 @@ from typing import Any
 import anthropic
 import pytest
 from aiohttp import web
+from fakes import ANTHROPIC_MESSAGE
 from harness import BENIGN, MARKED, POLICY, WORDY, WORDY_SAFE, Harness, policy, replay_stats
 
 REFUSAL = POLICY["refusal_message"]
@@ -214,16 +215,7 @@ async def test_upstream_errors_are_anthropic_errors_before_and_after_the_headers
 
 # -- what the guard does not read passes through ---------------------------------------------------------
 
-MESSAGE = {
-    "id": "msg_1",
-    "type": "message",
-    "role": "assistant",
-    "content": [],
-    "model": "claude",
-    "stop_reason": None,
-    "stop_sequence": None,
-    "usage": {"input_tokens": 5, "output_tokens": 1},
-}
+MESSAGE = ANTHROPIC_MESSAGE
 THOUGHT_BLOCKS = [
     {"type": "message_start", "message": MESSAGE},
     {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},

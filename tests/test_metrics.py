@@ -20,13 +20,14 @@ import openai
 import pytest
 import yaml
 from aiohttp import web
+from fakes import AwaitedGuard
 from prometheus_client import CollectorRegistry
 
 from proxy.config import load_settings
 from proxy.engine import Piece
 from proxy.errors import GuardOverloaded
 from proxy.guarded import GuardedResponse, Labels
-from proxy.guards import Guard, GuardStream, PatternGuard, Verdict
+from proxy.guards import PatternGuard, Verdict
 from proxy.metrics import MAX_MODELS, MULTIPROC_ENV, Metrics
 from proxy.policy import Policy
 from proxy.replay import Row, RowError, create_replay_app
@@ -75,30 +76,6 @@ class FailingGuard:
 
 def bomb_guard() -> PatternGuard:
     return PatternGuard([], [("bomb", "weapons")])
-
-
-class AwaitedStream:
-    """A detector's stream behind an awaited `feed` only, as the guard model's scorer answers."""
-
-    def __init__(self, inner: GuardStream) -> None:
-        self.inner = inner
-
-    async def feed(self, text: str, *, final: bool = False) -> Verdict:
-        return await self.inner.feed(text, final=final)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class AwaitedGuard:
-    name = "awaited"
-    tokenizer = None
-
-    def __init__(self, inner: Guard) -> None:
-        self.inner = inner
-
-    def open(self, prompt: str | None) -> AwaitedStream:
-        return AwaitedStream(self.inner.open(prompt))
 
 
 async def guard_pieces(guarded: GuardedResponse, text: str) -> None:

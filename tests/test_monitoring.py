@@ -27,6 +27,7 @@ import openai
 import pytest
 import yaml
 from aiohttp import web
+from fakes import AwaitedStream
 
 from proxy.config import load_settings
 from proxy.errors import GuardOverloaded
@@ -203,19 +204,6 @@ class FailingStream:
 
     def close(self) -> None:
         pass
-
-
-class AwaitedStream:
-    """A detector's stream behind an awaited `feed` only, as the guard model's scorer answers."""
-
-    def __init__(self, inner: GuardStream) -> None:
-        self.inner = inner
-
-    async def feed(self, text: str, *, final: bool = False) -> Verdict:
-        return await self.inner.feed(text, final=final)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class FlakyGuard:
