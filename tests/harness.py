@@ -50,6 +50,17 @@ POLICY: dict[str, Any] = {
 }
 
 
+def reset(retract_chars: int, category: str = "weapons") -> dict[str, Any]:
+    """The `backtrack` object a reset by the test policy carries (its detectors all score 1.0)."""
+    return {
+        "event": "reset",
+        "retract_chars": retract_chars,
+        "category": category,
+        "policy": "test",
+        "score": 1.0,
+    }
+
+
 def policy(**changes: Any) -> dict[str, Any]:
     """`POLICY` with some keys replaced (`actions` replaces the whole mapping)."""
     return {**POLICY, **changes}

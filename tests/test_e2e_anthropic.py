@@ -9,7 +9,7 @@ import anthropic
 import pytest
 from aiohttp import web
 from fakes import ANTHROPIC_MESSAGE
-from harness import BENIGN, MARKED, POLICY, WORDY, WORDY_SAFE, Harness, policy, replay_stats
+from harness import BENIGN, MARKED, POLICY, WORDY, WORDY_SAFE, Harness, policy, replay_stats, reset
 
 REFUSAL = POLICY["refusal_message"]
 BEFORE_MARKER, AFTER_MARKER = MARKED["response"].split("[RESET]")
@@ -51,16 +51,6 @@ async def stream_events(
         elif event.type == "backtrack_reset":  # type: ignore[comparison-overlap]
             out.append({k: v for k, v in event.to_dict().items() if k != "type"})
     return out
-
-
-def reset(retract_chars: int, category: str = "weapons") -> dict[str, Any]:
-    return {
-        "event": "reset",
-        "retract_chars": retract_chars,
-        "category": category,
-        "policy": "test",
-        "score": 1.0,
-    }
 
 
 async def test_a_benign_answer_arrives_text_identical_streamed_and_not(harness: Harness) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import ollama
 import pytest
 from aiohttp import web
-from harness import BENIGN, MARKED, POLICY, WORDY, WORDY_SAFE, Harness, policy, replay_stats
+from harness import BENIGN, MARKED, POLICY, WORDY, WORDY_SAFE, Harness, policy, replay_stats, reset
 
 from proxy.policy import Policy
 
@@ -61,16 +61,6 @@ def transcript(lines: list[dict[str, Any]], key: str = "message") -> list[Any]:
         else:
             out.append(text)
     return out
-
-
-def reset(retract_chars: int, category: str = "weapons") -> dict[str, Any]:
-    return {
-        "event": "reset",
-        "retract_chars": retract_chars,
-        "category": category,
-        "policy": "test",
-        "score": 1.0,
-    }
 
 
 async def test_a_benign_answer_arrives_text_identical_chat_and_generate(harness: Harness) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import openai
 from aiohttp import web
-from harness import BENIGN, MARKED, POLICY, WORDY, WORDY_SAFE, Harness, policy, replay_stats
+from harness import BENIGN, MARKED, POLICY, WORDY, WORDY_SAFE, Harness, policy, replay_stats, reset
 from openai.types.chat import ChatCompletionChunk
 from openai.types.completion import Completion
 
@@ -18,17 +18,6 @@ INSTRUCTION = Policy(name="x").regenerate_instruction
 BEFORE_MARKER, AFTER_MARKER = MARKED["response"].split("[RESET]")
 # With a hold-back of 4 tokens, what the client has seen of WORDY when the guard reaches "bomb".
 WORDY_SHOWN = "Explosives are chemicals."
-
-
-def reset(retract_chars: int, category: str = "weapons") -> dict[str, Any]:
-    """The `backtrack` object a reset by the test policy carries (its detectors all score 1.0)."""
-    return {
-        "event": "reset",
-        "retract_chars": retract_chars,
-        "category": category,
-        "policy": "test",
-        "score": 1.0,
-    }
 
 
 def events(chunks: list[ChatCompletionChunk] | list[Completion]) -> list[Any]:
