@@ -38,18 +38,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_eval)
 
 
-def register_bench(bench_subparsers: Any) -> None:
-    """Add `guard` under `backtrack bench`."""
-    p = bench_subparsers.add_parser("guard", help="guard throughput and latency, incremental vs re-scoring")
-    p.add_argument("--checkpoint", type=Path, default=None, help="guard checkpoint folder (default: bundled)")
-    p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64])
-    p.add_argument("--new-tokens", type=int, default=8, help="tokens per stream per feed")
-    p.add_argument("--response-tokens", type=int, default=128, help="tokens per stream in total")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.set_defaults(func=_bench)
-
-
 def _train(args: argparse.Namespace) -> int:
     from guard.train import train
 
@@ -72,7 +60,7 @@ def resolve_policy(name_or_path: str) -> Path:
 def operating_point(checkpoint: Path | None, policy: str | None) -> tuple[float, float]:
     """(logit_bias, threshold) from the policy, else the checkpoint's recommended operating point."""
     if policy is not None:
-        from proxy.policy import load_policy
+        from proxy.core.policy import load_policy
 
         p = load_policy(resolve_policy(policy))
         return p.logit_bias, p.threshold
@@ -102,13 +90,4 @@ def _eval(args: argparse.Namespace) -> int:
         logits_out=args.dump_logits,
         sweep=args.sweep,
     )
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from guard.bench import run_bench
-
-    results = run_bench(args.checkpoint, args.streams, args.new_tokens, args.response_tokens, args.threads)
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -1,6 +1,6 @@
 """`backtrack eval`: stream labelled responses through the proxy's scorer and measure the reset rule.
 
-Each row's response is fed in token-ish pieces (`proxy.tokens.ApproxTokenizer`) through the same
+Each row's response is fed in token-ish pieces (`proxy.core.tokens.ApproxTokenizer`) through the same
 `BatchScorer` the proxy uses, many rows at once so that the worker batches them. Every response is
 read to its end (the stream's own bias keeps it from stopping at a reset), so that one pass gives the
 reset decision for every `logit_bias`: a row resets at bias b iff its aggregated max logit + b clears
@@ -21,7 +21,7 @@ from typing import Any
 
 from guard.data import Row, read_rows
 from guard.scorer import BatchScorer, ResetRule
-from proxy.tokens import ApproxTokenizer
+from proxy.core.tokens import ApproxTokenizer
 
 BENIGN_FILES = ("alpaca_eval", "fastchat_reference")
 EARLY_TOKENS = 128

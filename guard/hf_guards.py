@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from guard.tokenize import GuardTokenizer, IncrementalTokenizer, TextTokenizer
-from proxy.guards import Reset, Verdict
+from proxy.core.detectors import Reset, Verdict
 
 _UNSAFE_LABELS = ("unsafe", "harmful", "toxic", "toxicity", "flagged", "label_1")
 

@@ -32,8 +32,8 @@ from torch import Tensor
 
 from guard.model import GuardModel, Segment, load_checkpoint, resolve_base
 from guard.tokenize import GuardTokenizer, IncrementalTokenizer
-from proxy.errors import GuardError, GuardOverloaded
-from proxy.guards import Reset, Verdict
+from proxy.core.detectors import Reset, Verdict
+from proxy.core.errors import GuardError, GuardOverloaded
 
 BUNDLED = Path(__file__).resolve().parent / "checkpoint"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.guards import Guard, GuardStream, Verdict
+from proxy.core.detectors import Guard, GuardStream, Verdict
 
 # An Anthropic `message_start` message, before any content block.
 ANTHROPIC_MESSAGE: dict[str, Any] = {

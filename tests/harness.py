@@ -18,9 +18,9 @@ import openai
 import yaml
 from aiohttp import web
 
-from proxy.config import Settings, load_settings
-from proxy.replay import create_replay_app, load_rows
-from proxy.server import create_app
+from proxy.core.config import Settings, load_settings
+from proxy.replay.app import create_replay_app, load_rows
+from proxy.server.app import create_app
 
 BENIGN = {"prompt": "What is 2 + 2?", "response": "2 + 2 is 4, the same as 2 times 2."}
 MARKED = {

@@ -3,12 +3,12 @@ import json
 import pytest
 from fakes import ANTHROPIC_MESSAGE
 
+from proxy.core.engine import Piece, ResetEvent
+from proxy.core.errors import ClientError
+from proxy.core.policy import Action
 from proxy.dialects.anthropic import AnthropicCodec, parse_request
 from proxy.dialects.base import ChoiceFinish, ChoicePiece, Done, Passthrough, UpstreamFailure
 from proxy.dialects.sse import SSEDecoder
-from proxy.engine import Piece, ResetEvent
-from proxy.errors import ClientError
-from proxy.policy import Action
 from transcripts import feed_all, splits
 
 MESSAGE = ANTHROPIC_MESSAGE

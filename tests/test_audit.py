@@ -10,14 +10,14 @@ import pytest
 from harness import MARKED, WORDY, Harness, chat_text, policy
 from prometheus_client import CollectorRegistry
 
-from proxy.audit import AuditLog, RequestInfo, audit_event, export_row, parse_since
-from proxy.engine import Flagged, ResetEvent
-from proxy.metrics import StoreMetrics
-from proxy.policy import Action, Policy
-from proxy.selection import Tenant, hash_key
-from proxy.server import create_app
-from proxy.shared import SHARED
-from proxy.store import MemoryStore, StoreUnavailable
+from proxy.core.engine import Flagged, ResetEvent
+from proxy.core.policy import Action, Policy
+from proxy.core.selection import Tenant, hash_key
+from proxy.server.app import create_app
+from proxy.server.keys import SHARED
+from proxy.state.audit import AuditLog, RequestInfo, audit_event, export_row, parse_since
+from proxy.state.metrics import StoreMetrics
+from proxy.state.store import MemoryStore, StoreUnavailable
 
 KEY = "sk-SECRET-tenant-key"
 TENANT = Tenant(name="acme", key_sha256=[hash_key(KEY)])

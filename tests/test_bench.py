@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.bench import BENCH_RESPONSE_TOKENS, bench_row, percentile
-from proxy.cli import main
-from proxy.tokens import ApproxTokenizer
+from bench.proxy import BENCH_RESPONSE_TOKENS, bench_row, percentile
+from proxy.cli.main import main
+from proxy.core.tokens import ApproxTokenizer
 
 
 def children() -> set[str]:

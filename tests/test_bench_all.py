@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from proxy.bench_all import (
+from bench.suite import (
     DEFAULT_LITELLM_VENV,
     litellm_config,
     litellm_guard_installed,
     litellm_installed,
     sustained,
 )
-from proxy.cli import main
+from proxy.cli.main import main
 
 WORDS = "bed holds red white blue yellow purple tulips roses irises daffodils asters describe the garden"
 

@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def backtrack(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """Run a `backtrack` command that is expected to end by itself."""
-    command = [sys.executable, "-m", "proxy.cli", *map(str, args)]
+    command = [sys.executable, "-m", "proxy.cli.main", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
@@ -35,7 +35,7 @@ def backtrack(*args: str | Path) -> subprocess.CompletedProcess[str]:
 async def serving(*args: str | Path) -> AsyncIterator[str]:
     """`backtrack serve ARGS --port P` in the background until /healthz answers; yields its root URL."""
     port = free_port()
-    command = [sys.executable, "-m", "proxy.cli", "serve", *map(str, args), "--port", str(port)]
+    command = [sys.executable, "-m", "proxy.cli.main", "serve", *map(str, args), "--port", str(port)]
     proc = await asyncio.create_subprocess_exec(
         *command, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config import load_settings
-from proxy.errors import ConfigError
-from proxy.policy import Action
+from proxy.core.config import load_settings
+from proxy.core.errors import ConfigError
+from proxy.core.policy import Action
 
 REPO_CONFIG = Path(__file__).parent.parent / "config.yaml"
 

@@ -13,9 +13,9 @@ import pytest
 from harness import Harness
 
 from guard.scorer import BUNDLED
-from proxy.config import load_settings
-from proxy.metrics import Metrics
-from proxy.server import create_app
+from proxy.core.config import load_settings
+from proxy.server.app import create_app
+from proxy.state.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 

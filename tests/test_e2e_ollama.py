@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from harness import BENIGN, MARKED, POLICY, WORDY, WORDY_SAFE, Harness, policy, replay_stats, reset
 
-from proxy.policy import Policy
+from proxy.core.policy import Policy
 
 REFUSAL = POLICY["refusal_message"]
 INSTRUCTION = Policy(name="x").regenerate_instruction

@@ -11,7 +11,7 @@ from harness import BENIGN, MARKED, POLICY, WORDY, WORDY_SAFE, Harness, policy, 
 from openai.types.chat import ChatCompletionChunk
 from openai.types.completion import Completion
 
-from proxy.policy import Policy
+from proxy.core.policy import Policy
 
 REFUSAL = POLICY["refusal_message"]
 INSTRUCTION = Policy(name="x").regenerate_instruction

@@ -1,6 +1,7 @@
 """The stream engine on scripted verdicts: what is released, when, and what a reset does."""
 
-from proxy.engine import (
+from proxy.core.detectors import MarkerStream, Reset, Verdict
+from proxy.core.engine import (
     Finish,
     Flagged,
     Piece,
@@ -10,9 +11,8 @@ from proxy.engine import (
     State,
     StreamEngine,
 )
-from proxy.guards import MarkerStream, Reset, Verdict
-from proxy.policy import Action, Policy
-from proxy.tokens import ApproxTokenizer
+from proxy.core.policy import Action, Policy
+from proxy.core.tokens import ApproxTokenizer
 
 
 def policy(**kw) -> Policy:

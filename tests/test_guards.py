@@ -1,6 +1,6 @@
 import asyncio
 
-from proxy.guards import (
+from proxy.core.detectors import (
     CompositeGuard,
     MarkerGuard,
     PatternGuard,

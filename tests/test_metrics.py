@@ -23,16 +23,16 @@ from aiohttp import web
 from fakes import AwaitedGuard
 from prometheus_client import CollectorRegistry
 
-from proxy.config import load_settings
-from proxy.engine import Piece
-from proxy.errors import GuardOverloaded
-from proxy.guarded import GuardedResponse, Labels
-from proxy.guards import PatternGuard, Verdict
-from proxy.metrics import MAX_MODELS, MULTIPROC_ENV, Metrics
-from proxy.policy import Policy
-from proxy.replay import Row, RowError, create_replay_app
-from proxy.server import create_app
-from proxy.tokens import ApproxTokenizer
+from proxy.core.config import load_settings
+from proxy.core.detectors import PatternGuard, Verdict
+from proxy.core.engine import Piece
+from proxy.core.errors import GuardOverloaded
+from proxy.core.policy import Policy
+from proxy.core.tokens import ApproxTokenizer
+from proxy.replay.app import Row, RowError, create_replay_app
+from proxy.server.app import create_app
+from proxy.server.choice import GuardedResponse, Labels
+from proxy.state.metrics import MAX_MODELS, MULTIPROC_ENV, Metrics
 
 CHAT = "/v1/chat/completions"
 LABELS = Labels("p", CHAT, "m")
@@ -340,7 +340,7 @@ async def test_metrics_are_served_in_the_prometheus_text_format(tmp_path: Path) 
 
 WORKER = """
 import sys
-from proxy.metrics import Metrics
+from proxy.state.metrics import Metrics
 metrics = Metrics()
 metrics.streams.labels("p", "/v1/chat/completions", "m").inc()
 metrics.active_streams.labels("/v1/chat/completions").inc()

@@ -29,13 +29,13 @@ import yaml
 from aiohttp import web
 from fakes import AwaitedStream
 
-from proxy.config import load_settings
-from proxy.errors import GuardOverloaded
-from proxy.guards import Guard, GuardStream, Verdict
-from proxy.metrics import Metrics
-from proxy.reload import POLICY_STORE
-from proxy.replay import Row, create_replay_app
-from proxy.server import create_app
+from proxy.core.config import load_settings
+from proxy.core.detectors import Guard, GuardStream, Verdict
+from proxy.core.errors import GuardOverloaded
+from proxy.replay.app import Row, create_replay_app
+from proxy.server.app import create_app
+from proxy.server.keys import POLICIES
+from proxy.state.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "monitoring" / "prometheus"
@@ -223,7 +223,7 @@ class FlakyGuard:
 
 
 async def flaky_guard(app: web.Application) -> AsyncIterator[None]:
-    guards = app[POLICY_STORE].live.guards
+    guards = app[POLICIES].live.guards
     guards[POLICY] = FlakyGuard(guards[POLICY], FLAKY.prompt or "")
     yield
 

@@ -2,11 +2,11 @@ import json
 
 import pytest
 
+from proxy.core.engine import Piece, ResetEvent
+from proxy.core.errors import ClientError
+from proxy.core.policy import Action
 from proxy.dialects.base import ChoiceFinish, ChoicePiece, Done, UpstreamFailure
 from proxy.dialects.ollama import OllamaCodec, parse_request
-from proxy.engine import Piece, ResetEvent
-from proxy.errors import ClientError
-from proxy.policy import Action
 from transcripts import feed_all, splits
 
 HEAD = {"model": "llama", "created_at": "2026-11-30T07:00:00Z"}

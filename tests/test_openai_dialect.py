@@ -1,5 +1,7 @@
 import json
 
+from proxy.core.engine import Piece, ResetEvent
+from proxy.core.policy import Action
 from proxy.dialects.openai import (
     DONE,
     ChoiceFinish,
@@ -13,8 +15,6 @@ from proxy.dialects.openai import (
     in_band_error,
 )
 from proxy.dialects.sse import SSEDecoder
-from proxy.engine import Piece, ResetEvent
-from proxy.policy import Action
 from transcripts import feed_all, splits
 
 ENVELOPE = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "x_vendor": {"k": 1}}

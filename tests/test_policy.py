@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config import load_settings
-from proxy.errors import ConfigError
-from proxy.policy import Action, Policy
-from proxy.selection import hash_key
+from proxy.core.config import load_settings
+from proxy.core.errors import ConfigError
+from proxy.core.policy import Action, Policy
+from proxy.core.selection import hash_key
 
 REPO = Path(__file__).parent.parent
 DIGEST = hash_key("sk-acme")

@@ -17,11 +17,12 @@ import yaml
 from harness import BENIGN, WORDY, Harness, policy
 from redis_server import EXTERNAL, RedisServer, redis_server, redis_url, unique_prefix
 
-from proxy.cli import main
-from proxy.config import load_settings
-from proxy.selection import hash_key
-from proxy.server import create_app
-from proxy.shared import SHARED, Shared
+from proxy.cli.main import main
+from proxy.core.config import load_settings
+from proxy.core.selection import hash_key
+from proxy.server.app import create_app
+from proxy.server.keys import SHARED
+from proxy.state.shared import Shared
 
 TENANT_KEY = "sk-acme-SECRET-tenant-key-0001"
 UPSTREAM_KEY = "sk-upstream-SECRET-key-0002"

@@ -17,7 +17,7 @@ from aiohttp import web
 from harness import BENIGN, MARKED, POLICY, Harness, policy, replay_stats
 
 from proxy.dialects.openai import OpenAIEncoder
-from proxy.server import create_app
+from proxy.server.app import create_app
 
 LONG = {"prompt": "Count slowly.", "response": " ".join(str(i) for i in range(300))}
 CHAT = "/v1/chat/completions"

@@ -20,9 +20,9 @@ import yaml
 from harness import POLICY, Harness, policy
 from test_cli import REPO, free_port
 
-from proxy.config import load_settings
-from proxy.reload import POLICY_STORE
-from proxy.server import create_app
+from proxy.core.config import load_settings
+from proxy.server.app import create_app
+from proxy.server.keys import POLICIES
 
 TOKEN = "admin-t0ken"
 ENV = {"BACKTRACK_ADMIN_TOKEN": TOKEN}
@@ -265,7 +265,7 @@ async def test_an_edited_file_is_picked_up_by_polling_and_a_broken_one_reported_
     for _ in range(5):  # more polls see the same broken file: it is not reported again
         await asyncio.sleep(0.02)
     assert await reloads("error", 1)()
-    assert app[POLICY_STORE].live.generation == 2
+    assert app[POLICIES].live.generation == 2
 
     # The config now names a policy file that is not there yet; creating it is the edit that counts.
     write_config(
@@ -314,7 +314,7 @@ async def test_the_admin_endpoint_wants_the_token_from_its_environment_variable(
 async def backtrack_serve(config: Path) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     """`backtrack serve --config CONFIG` until /healthz answers: (root URL, process). Ends it after."""
     port = free_port()
-    command = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(port)]
+    command = [sys.executable, "-m", "proxy.cli.main", "serve", "--config", str(config), "--port", str(port)]
     proc = await asyncio.create_subprocess_exec(
         *command, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )

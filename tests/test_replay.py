@@ -14,9 +14,9 @@ import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.errors import ConfigError
-from proxy.replay import DEFAULT_ANSWER, DEMO_CORPUS, Row, create_replay_app, load_rows
-from proxy.tokens import ApproxTokenizer
+from proxy.core.errors import ConfigError
+from proxy.core.tokens import ApproxTokenizer
+from proxy.replay.app import DEFAULT_ANSWER, DEMO_CORPUS, Row, create_replay_app, load_rows
 
 ROWS = [
     Row(prompt="What is 2 + 2?", response="2 + 2 is 4, the same as 2 times 2."),

@@ -13,9 +13,9 @@ import ollama
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.errors import ConfigError
-from proxy.replay import Row, RowError, create_replay_app, load_rows
-from proxy.tokens import ApproxTokenizer
+from proxy.core.errors import ConfigError
+from proxy.core.tokens import ApproxTokenizer
+from proxy.replay.app import Row, RowError, create_replay_app, load_rows
 
 ANSWER = "2 + 2 is 4, the same as 2 times 2."
 ROWS = [

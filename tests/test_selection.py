@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from harness import BENIGN, Harness, replay_stats
 
-from proxy.cli import main
-from proxy.errors import ClientError, Forbidden, Unauthorized
-from proxy.policy import Policy
-from proxy.selection import PolicySet, Rule, Selector, Tenant, hash_key, presented_key
+from proxy.cli.main import main
+from proxy.core.errors import ClientError, Forbidden, Unauthorized
+from proxy.core.policy import Policy
+from proxy.core.selection import PolicySet, Rule, Selector, Tenant, hash_key, presented_key
 
 POLICIES = {name: Policy(name=name) for name in ("default", "strict", "permissive", "internal")}
 

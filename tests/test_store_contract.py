@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from redis_server import redis_url, unique_prefix
 
-from proxy.config import load_settings
-from proxy.errors import ConfigError
-from proxy.store import MemoryStore, RedisStore, Store, open_store
+from proxy.core.config import load_settings
+from proxy.core.errors import ConfigError
+from proxy.state.store import MemoryStore, RedisStore, Store, open_store
 
 MAXLEN = 100
 

@@ -12,9 +12,9 @@ from harness import Harness, policy
 from redis_server import EXTERNAL, RedisServer, redis_server, unique_prefix
 from test_redis_fleet import SAFE, UNSAFE, ask, metric, replica, until, write_setup
 
-from proxy.config import ConfigFile, load_policy_set
-from proxy.errors import ConfigError
-from proxy.policy import Policy, Strikes
+from proxy.core.config import ConfigFile, load_policy_set
+from proxy.core.errors import ConfigError
+from proxy.core.policy import Policy, Strikes
 
 
 def test_strikes_escalate_to_a_policy_or_reject() -> None:

@@ -15,9 +15,9 @@ import yaml
 
 from guard.data import Row
 from guard.evaluate import Scored
-from proxy.cli import main
-from proxy.policy import Policy, load_policy
-from proxy.tune import BIASES, HOLDBACKS, THRESHOLDS, Point, choose, sweep, trace
+from guard.tune import BIASES, HOLDBACKS, THRESHOLDS, Point, choose, sweep, trace
+from proxy.cli.main import main
+from proxy.core.policy import Policy, load_policy
 
 GUARD_TESTS = Path(__file__).parent / "guard"
 

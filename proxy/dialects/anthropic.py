@@ -20,6 +20,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.core.engine import Piece, ResetEvent
+from proxy.core.errors import ClientError
 from proxy.dialects.base import (
     JSON,
     ChoiceFinish,
@@ -39,8 +41,6 @@ from proxy.dialects.base import (
     without_trailing_assistant,
 )
 from proxy.dialects.sse import SSEDecoder, encode_sse
-from proxy.engine import Piece, ResetEvent
-from proxy.errors import ClientError
 
 MEDIA_TYPE = "text/event-stream"
 RESET_EVENT = "backtrack_reset"

@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from proxy.engine import Piece, ResetEvent
-from proxy.errors import ClientError
+from proxy.core.engine import Piece, ResetEvent
+from proxy.core.errors import ClientError
 
 JSON = dict[str, Any]
 
@@ -135,13 +135,27 @@ class DialectRequest(Protocol):
         """Write the guarded text (None: unchanged) and the engine's finish reason into the answer."""
 
 
-def message_text(content: Any) -> str:
-    """The text of a message's content: a string, or the text parts of a list of parts."""
+def message_text(content: Any, where: str = "content") -> str:
+    """The text of a message's content: a string, or the text parts of a list of parts.
+
+    Raises `ClientError` naming `where` for a content that is neither, or a text part whose `text` is
+    not a string: such a request is the client's mistake, never an internal error."""
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
+    if not isinstance(content, list):
+        raise ClientError(f"'{where}' must be a string or a list of parts.")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict):
+            raise ClientError(f"'{where}' parts must be objects.")
+        if part.get("type") == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise ClientError(f"'{where}' text parts need a string 'text'.")
+            texts.append(text)
+    return "".join(texts)
 
 
 def last_text(messages: list[Any], role: str) -> str | None:

@@ -18,6 +18,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.core.engine import Piece, ResetEvent
+from proxy.core.errors import ClientError
 from proxy.dialects.base import (
     JSON,
     ChoiceFinish,
@@ -36,8 +38,6 @@ from proxy.dialects.base import (
     without_trailing_assistant,
 )
 from proxy.dialects.ndjson import BadLine, NDJSONDecoder, encode_line
-from proxy.engine import Piece, ResetEvent
-from proxy.errors import ClientError
 
 MEDIA_TYPE = "application/x-ndjson"
 

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.core.engine import Piece, ResetEvent
+from proxy.core.errors import ClientError
 from proxy.dialects.base import (
     JSON,
     ChoiceFinish,
@@ -33,8 +35,6 @@ from proxy.dialects.base import (
     without_trailing_assistant,
 )
 from proxy.dialects.sse import SSEDecoder, encode_sse
-from proxy.engine import Piece, ResetEvent
-from proxy.errors import ClientError
 
 # The neutral events are re-exported: they were born here, and callers import them from here.
 __all__ = [
@@ -176,9 +176,11 @@ def data_line(obj: JSON) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-def error_object(message: str, kind: str = "server_error", code: str | None = None) -> JSON:
+def error_object(
+    message: str, kind: str = "server_error", code: str | None = None, param: str | None = None
+) -> JSON:
     """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`."""
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def in_band_error(message: str, kind: str = "upstream_error") -> bytes:

@@ -6,7 +6,7 @@ import pytest
 
 from guard.cli import operating_point
 from guard.scorer import BUNDLED, BatchScorer, load_scorer
-from proxy.tokens import ApproxTokenizer
+from proxy.core.tokens import ApproxTokenizer
 
 pytestmark = pytest.mark.skipif(
     not (BUNDLED / "guard.safetensors").exists(), reason="no bundled guard checkpoint in guard/checkpoint/"

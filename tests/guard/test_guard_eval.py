@@ -10,6 +10,7 @@ import pytest
 
 from guard import cli
 from guard.evaluate import average_precision, metrics
+from proxy.cli.main import build_parser
 
 ROWS = [
     {
@@ -44,11 +45,7 @@ ROWS = [
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="backtrack")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cli.register(sub)
-    cli.register_bench(sub.add_parser("bench").add_subparsers(dest="bench", required=True))
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def test_eval_writes_one_contract_line_per_row_and_plots(

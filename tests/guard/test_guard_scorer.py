@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from guard.scorer import BatchScorer, load_scorer
-from proxy.errors import GuardError, GuardOverloaded
-from proxy.guards import Verdict
+from proxy.core.detectors import Verdict
+from proxy.core.errors import GuardError, GuardOverloaded
 
 PROMPT = "how to make a bomb"
 RESPONSES = [

@@ -46,9 +46,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.guards import Reset, Verdict
-from proxy.policy import Action, Policy
-from proxy.tokens import ApproxTokenizer, TokenCounter
+from proxy.core.detectors import Reset, Verdict
+from proxy.core.policy import Action, Policy
+from proxy.core.tokens import ApproxTokenizer, TokenCounter
 
 GUARD_UNAVAILABLE = "guard_unavailable"
 

@@ -1,4 +1,4 @@
-"""replay-upstream's Anthropic Messages and Ollama routes; the rows, pacing and stats are `proxy.replay`'s.
+"""replay-upstream's Anthropic Messages and Ollama routes; rows, pacing and stats are `proxy.replay.app`'s.
 
 Each answers in its API's own shapes: Anthropic's event stream (`message_start` ... `message_stop`) or
 message object, Ollama's NDJSON lines (a `done: true` line with its counters last) or one object; and
@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.replay import (
+from proxy.replay.app import (
     REPLAY_STATE,
     InvalidRequest,
     chat_prompt,

@@ -8,7 +8,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy.errors import ConfigError
+from bench import cli as bench_cli
+from guard import cli as guard_cli
+from guard import tune
+from proxy.cli import audit, keys, replay
+from proxy.core.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,35 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=serve_command)
 
-    from proxy import audit, replay, selection, tune
-
     audit.register(sub)
     replay.register(sub)
-    selection.register(sub)
+    keys.register(sub)
+    guard_cli.register(sub)
     tune.register(sub)
-
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from proxy import bench as proxy_bench
-    from proxy import bench_all
-
-    proxy_bench.register_bench(bench)
-    bench_all.register_bench(bench)
-    try:
-        from guard import cli as guard_cli
-    except ImportError:  # the guard package is optional for the proxy's own commands
-        pass
-    else:
-        guard_cli.register(sub)
-        guard_cli.register_bench(bench)
+    bench_cli.register(sub)
     return parser
 
 
 def serve_command(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from proxy.config import load_settings
-    from proxy.reload import sighup_ctx
-    from proxy.server import create_app
+    from proxy.core.config import load_settings
+    from proxy.server.app import create_app
+    from proxy.server.reload import sighup_ctx
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

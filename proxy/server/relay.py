@@ -25,8 +25,10 @@ from typing import Any
 
 from aiohttp import ClientResponse, web
 
-from proxy.dialects import anthropic, ollama
-from proxy.dialects import openai as openai_dialect
+from proxy.core.engine import Finish, Output, Piece, Regenerate, Release, ResetEvent, State
+from proxy.core.errors import BacktrackError, UpstreamError
+from proxy.core.policy import Action
+from proxy.core.tokens import ApproxTokenizer
 from proxy.dialects.base import (
     JSON,
     PREFILL,
@@ -41,12 +43,8 @@ from proxy.dialects.base import (
     backtrack_summary,
     reset_object,
 )
-from proxy.engine import Finish, Output, Piece, Regenerate, Release, ResetEvent, State
-from proxy.errors import BacktrackError, UpstreamError
-from proxy.guarded import ChoiceRun, GuardedResponse
-from proxy.policy import Action
-from proxy.tokens import ApproxTokenizer
-from proxy.upstream import Upstream, read_body, read_chunks
+from proxy.server.choice import ChoiceRun, GuardedResponse
+from proxy.server.upstream import Upstream, read_body, read_chunks
 
 log = logging.getLogger("backtrack")
 STREAM_NAMES = {"text/event-stream": "an event stream", "application/x-ndjson": "an NDJSON stream"}
@@ -77,20 +75,6 @@ async def upstream_error(resp: Any) -> BacktrackError:
     if 400 <= resp.status < 500:
         return UpstreamError(message, status=resp.status)
     return UpstreamError(f"upstream answered HTTP {resp.status}: {message}")
-
-
-def error_body(path: str, error: BacktrackError) -> JSON:
-    """`error` in the format of the API that `path` belongs to."""
-    if path == "/v1/messages":
-        return anthropic.error_object(error.message, error.status)
-    if path.startswith("/api/"):
-        return ollama.error_object(error.message, error.status)
-    return openai_dialect.error_object(error.message, error.kind)
-
-
-def error_response(error: BacktrackError, path: str = "", policy: str | None = None) -> web.Response:
-    headers = {"X-Backtrack-Policy": policy} if policy else None
-    return web.json_response(error_body(path, error), status=error.status, headers=headers)
 
 
 def stream_headers(media_type: str, policy: str) -> dict[str, str]:

@@ -5,12 +5,12 @@ upstream: the LLM server's root URL (or none: the built-in demo upstream), its k
 guard:    the guard model's checkpoint and batching
 policies: name -> policy file; `default_policy` names the one used when nothing selects another
 tenants:  proxy API keys (as sha256 digests), each with its policy, rules and the policies it may ask for
-rules:    model and route globs -> policy (see `proxy.selection` for the precedence)
+rules:    model and route globs -> policy (see `proxy.core.selection` for the precedence)
 reload:   how often the config and policy files are checked for changes
 redis:    url (BACKTRACK_REDIS_URL overrides it; none = in-memory state), key prefix, audit bounds
 admin:    the environment variable holding the admin token
 
-A reload (`proxy.reload`) re-reads the file and takes the policies and the selection (`PolicySet`); the
+A reload (`proxy.server.reload`) re-reads the file and takes the policies and the selection (`PolicySet`); the
 other sections are read once, at start.
 """
 
@@ -24,9 +24,9 @@ from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
 
-from proxy.errors import ConfigError
-from proxy.policy import Policy, _Frozen, load_policy, parse_model, read_yaml
-from proxy.selection import PolicySet, Rule, Tenant
+from proxy.core.errors import ConfigError
+from proxy.core.policy import Policy, _Frozen, load_policy, parse_model, read_yaml
+from proxy.core.selection import PolicySet, Rule, Tenant
 
 
 class ServerConfig(_Frozen):

@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from proxy.engine import Flagged, Output, ResetEvent, State, StreamEngine
-from proxy.errors import GuardError
-from proxy.guards import Guard, GuardStream, InlineStream
-from proxy.metrics import Metrics
-from proxy.policy import Action, Policy
+from proxy.core.detectors import Guard, GuardStream, InlineStream
+from proxy.core.engine import Flagged, Output, ResetEvent, State, StreamEngine
+from proxy.core.errors import GuardError
+from proxy.core.policy import Action, Policy
+from proxy.state.metrics import Metrics
 
 log = logging.getLogger("backtrack")
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import aiohttp
 
-from proxy.config import UpstreamConfig
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.core.config import UpstreamConfig
+from proxy.core.errors import UpstreamError, UpstreamTimeout
 
 # Client headers worth forwarding; hop-by-hop headers and the client's Host/Content-Length are not.
 FORWARDED_HEADERS = (

@@ -1,7 +1,7 @@
 """`backtrack replay-upstream`: a stand-in LLM server for demos, tests and benchmarks.
 
 It speaks every dialect the proxy does: OpenAI's chat completions and completions, Anthropic's messages
-(`proxy.replay_dialects`) and Ollama's chat and generate. For a request whose last user message (or
+(`proxy.replay.dialects`) and Ollama's chat and generate. For a request whose last user message (or
 `prompt`) equals a row's `prompt`, it answers that row's `response`, streamed as token-sized deltas
 (`ApproxTokenizer`) at up to `tokens_per_second`; anything else gets `DEFAULT_ANSWER`. Rows sharing a
 prompt are served round-robin, so asking twice can give two different answers.
@@ -17,10 +17,8 @@ and headers.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -30,8 +28,10 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import ConfigError
-from proxy.tokens import ApproxTokenizer
+from proxy.core.errors import ClientError, ConfigError
+from proxy.core.tokens import ApproxTokenizer
+from proxy.dialects.base import message_text
+from proxy.dialects.routes import error_body
 
 DEMO_CORPUS = Path(__file__).parent / "demo" / "corpus.jsonl"
 DEFAULT_ANSWER = (
@@ -177,7 +177,7 @@ def _shown(value: Any) -> str:
 
 def create_replay_app(rows: list[Row], tokens_per_second: float | None = None) -> web.Application:
     """The replay server for `rows`; at most `tokens_per_second` deltas a second per stream (None: any)."""
-    from proxy import replay_dialects  # it builds on this module's state and stream writer
+    from proxy.replay import dialects as replay_dialects  # it builds on this module's state and stream writer
 
     responses: dict[str, list[Row]] = {}
     for row in rows:
@@ -195,20 +195,10 @@ def create_replay_app(rows: list[Row], tokens_per_second: float | None = None) -
     return app
 
 
-# Anthropic names some statuses' errors; the rest of 5xx is its "api_error".
-ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 529: "overloaded_error"}
-
-
 def error_response(path: str, status: int, message: str, kind: str, param: str | None = None,
                    code: str | None = None) -> web.Response:  # fmt: skip
     """An error answered before the headers, in the format of the API that `path` belongs to."""
-    if path == "/v1/messages":
-        kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else kind)
-        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
-    elif path.startswith("/api/"):
-        body = {"error": message}
-    else:
-        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    body = error_body(path, message, status=status, kind=kind, param=param, code=code)
     return web.json_response(body, status=status)
 
 
@@ -276,23 +266,11 @@ def _params(body: dict[str, Any]) -> _Params:
 
 
 def _message_text(content: Any, where: str) -> str:
-    """The text of a message's content: a string, or a list of parts of which the text ones count."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict):
-                raise InvalidRequest(f"'{where}' parts must be objects.", where, "invalid_type")
-            if part.get("type") == "text":
-                text = part.get("text")
-                if not isinstance(text, str):
-                    raise InvalidRequest(f"'{where}' text parts need a string 'text'.", where, "invalid_type")
-                texts.append(text)
-        return "".join(texts)
-    raise InvalidRequest(f"'{where}' must be a string or a list of parts.", where, "invalid_type")
+    """`message_text`, its client errors answered as the replay server's own."""
+    try:
+        return message_text(content, where)
+    except ClientError as exc:
+        raise InvalidRequest(exc.message, where, "invalid_type") from None
 
 
 @dataclass(frozen=True)
@@ -499,43 +477,3 @@ async def _stats(request: web.Request) -> web.Response:
             "last_headers": stats.last_headers,
         }
     )
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `replay-upstream` to the `backtrack` command line."""
-    parser = subparsers.add_parser(
-        "replay-upstream",
-        help="serve recorded responses as a stand-in LLM (OpenAI, Anthropic and Ollama APIs)",
-    )
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=DEMO_CORPUS,
-        help="JSONL rows with prompt and response (default: demo corpus)",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument(
-        "--tokens-per-second",
-        type=float,
-        default=None,
-        help="deltas per second per stream (default: no limit)",
-    )
-    parser.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run the replay server until interrupted; 2 when the data file is bad."""
-    try:
-        rows = load_rows(args.data)
-    except ConfigError as exc:
-        print(f"backtrack replay-upstream: error: {exc.message}", file=sys.stderr)
-        return 2
-    app = create_replay_app(rows, args.tokens_per_second)
-    print(
-        f"replay-upstream: {len(rows)} rows from {args.data} on http://{args.host}:{args.port}",
-        file=sys.stderr,
-    )
-    # No access log: a benchmark sends thousands of requests and the log line costs as much as the reply.
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
-    return 0

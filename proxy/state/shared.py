@@ -1,11 +1,11 @@
 """What the replicas share, wired into the app: audit events, strikes and fleet-wide policy reloads.
 
-`shared_ctx` opens the store (`proxy.store`: Redis when `redis.url` or `BACKTRACK_REDIS_URL` names one,
+`shared_ctx` opens the store (`proxy.state.store`: Redis when `redis.url` or `BACKTRACK_REDIS_URL` names one,
 else memory) and runs three background tasks beside the handlers:
 
     health   pings the store every `redis.health_seconds`; `backtrack_store_up` and `/readyz` show the
              result, and the audit spool drains again once an outage ends
-    audit    drains the spool of audit events into the store, in order (`proxy.audit`)
+    audit    drains the spool of audit events into the store, in order (`proxy.state.audit`)
     fleet    listens on the reload channel, and reads the latest announcement when the channel is
              quiet (to catch one missed while disconnected): a reload another replica made is made
              here too
@@ -31,22 +31,20 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
-from aiohttp import web
-
-from proxy.audit import AuditLog, RequestInfo, audit_event
-from proxy.config import RedisConfig, Settings
-from proxy.engine import GUARD_UNAVAILABLE, Flagged, ResetEvent
-from proxy.errors import ConfigError, TooManyRequests
-from proxy.guards import Guard
-from proxy.metrics import Metrics, StoreMetrics
-from proxy.policy import Policy
-from proxy.reload import POLICY_STORE, Live, PolicyStore, check_admin
-from proxy.selection import Tenant
-from proxy.store import Store, StoreUnavailable, open_store
+from proxy.core.config import RedisConfig
+from proxy.core.detectors import Guard
+from proxy.core.engine import GUARD_UNAVAILABLE, Flagged, ResetEvent
+from proxy.core.errors import ConfigError, TooManyRequests
+from proxy.core.policy import Policy
+from proxy.core.selection import Tenant
+from proxy.state.audit import AuditLog, RequestInfo, audit_event
+from proxy.state.metrics import StoreMetrics
+from proxy.state.policies import Live, PolicyRegistry
+from proxy.state.store import Store, StoreUnavailable
 
 log = logging.getLogger("backtrack")
 
@@ -59,7 +57,7 @@ class Shared:
     """The store and what runs on it for one app; see the module docstring."""
 
     def __init__(
-        self, store: Store, metrics: StoreMetrics, policies: PolicyStore, config: RedisConfig
+        self, store: Store, metrics: StoreMetrics, policies: PolicyRegistry, config: RedisConfig
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -185,7 +183,7 @@ class Shared:
     # -- fleet reload --------------------------------------------------------------------------------
 
     def on_reload(self, reason: str, live: Live, error: ConfigError | None) -> None:
-        """A `PolicyStore` listener: report every reload; announce the ones made here and taken."""
+        """A `PolicyRegistry` listener: report every reload; announce the ones made here and taken."""
         from_peer = reason.startswith(FLEET_REASON)
         if from_peer:
             self.metrics.fleet_reloads.labels("ok" if error is None else "error").inc()
@@ -262,54 +260,3 @@ class Shared:
     async def settle(self) -> None:
         """Wait for the strikes and reports under way (each bounded by the store's timeouts)."""
         await asyncio.gather(*self._pending, return_exceptions=True)
-
-
-SHARED = web.AppKey("shared", Shared)
-
-
-async def shared_ctx(settings: Settings, metrics: Metrics, app: web.Application) -> AsyncIterator[None]:
-    """Open the store and run its tasks; on the way out, flush what the spool still holds.
-
-    Bind `settings` and `metrics` with `functools.partial`; it runs after the policies are loaded.
-    """
-    config = settings.file.redis
-    store = open_store(settings.redis_url, prefix=config.prefix, audit_maxlen=config.audit_maxlen)
-    policies = app[POLICY_STORE]
-    shared = Shared(store, StoreMetrics(metrics.registry), policies, config)
-    await shared.check()  # an outage at start is tolerated: the proxy serves, the spool waits
-    await shared.skip_past_reloads()
-    policies.listeners.append(shared.on_reload)
-    app[SHARED] = shared
-    tasks = [
-        asyncio.create_task(shared.health(), name="store-health"),
-        asyncio.create_task(shared.audit.run(), name="audit-spool"),
-        asyncio.create_task(shared.listen(), name="fleet-reload"),
-    ]
-    try:
-        yield
-    finally:
-        policies.listeners.remove(shared.on_reload)
-        shared.closing = True
-        shared.audit.stop()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await shared.settle()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(shared.audit.flush(), CLOSE_FLUSH_TIMEOUT)
-        if shared.audit.spool:
-            log.error("%d audit events could not be written before shutdown", len(shared.audit.spool))
-        await store.close()
-
-
-async def fleet_reloads(request: web.Request) -> web.Response:
-    """`GET /admin/reloads`: every replica's latest reload result, by replica."""
-    check_admin(request)
-    shared = request.app[SHARED]
-    try:
-        reports = await shared.store.reload_reports()
-    except StoreUnavailable as exc:
-        shared.mark_down(str(exc))
-        return web.json_response({"error": "the shared store is unavailable"}, status=503)
-    replicas = {replica: json.loads(report) for replica, report in reports.items()}
-    return web.json_response({"replica": shared.replica, "replicas": replicas})

@@ -13,8 +13,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from proxy.errors import ConfigError
-from proxy.guards import MARKER, UPSTREAM_RESET
+from proxy.core.detectors import MARKER, UPSTREAM_RESET
+from proxy.core.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -1,7 +1,7 @@
 """Live policies, swapped whole: on a file change (polled mtimes), on SIGHUP, on `POST /admin/reload`.
 
 Theory of operation:
-- `PolicyStore.live` is one immutable `Live` snapshot: the policy set, its selector and one guard per
+- `PolicyRegistry.live` is one immutable `Live` snapshot: the policy set, its selector and one guard per
   policy. A request reads it once and keeps the `Policy` and `Guard` it chose for its whole life, so a
   stream in flight finishes on the policy it started with, and a new request sees the newest snapshot.
 - A reload reads and validates everything (config file, every policy file, the references between
@@ -18,22 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
-import signal
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import web
-
-from proxy.config import ConfigFile, Settings, load_policy_set, needs_model, policy_files, read_config
-from proxy.errors import ConfigError, Forbidden, Unauthorized
-from proxy.guards import Guard
-from proxy.metrics import Metrics
-from proxy.policy import Policy
-from proxy.selection import POLICY_HEADER, PolicySet, Selector, Tenant, presented_key
+from proxy.core.config import ConfigFile, Settings, load_policy_set, needs_model, policy_files, read_config
+from proxy.core.detectors import Guard
+from proxy.core.errors import ConfigError
+from proxy.core.policy import Policy
+from proxy.core.selection import POLICY_HEADER, PolicySet, Selector, Tenant, presented_key
+from proxy.state.metrics import Metrics
 
 log = logging.getLogger("backtrack")
 
@@ -59,7 +55,7 @@ class Live:
     def choose(
         self, tenant: Tenant | None, model: str, route: str, headers: Mapping[str, str]
     ) -> tuple[Policy, Guard]:
-        """The policy the request gets (see `proxy.selection`) and that policy's guard."""
+        """The policy the request gets (see `proxy.core.selection`) and that policy's guard."""
         requested = headers.get(POLICY_HEADER, "").strip() or None  # an empty header asks for nothing
         choice = self.selector.choose(tenant, model, route, requested)
         log.debug("policy %s by %s for tenant %s", choice.policy.name, choice.reason, choice.tenant)
@@ -70,7 +66,7 @@ class Live:
 ReloadListener = Callable[[str, Live, ConfigError | None], None]
 
 
-class PolicyStore:
+class PolicyRegistry:
     def __init__(
         self,
         settings: Settings,
@@ -86,7 +82,7 @@ class PolicyStore:
         self._live = self._make(settings.policy_set, generation=1)
         self._lock = asyncio.Lock()
         self._seen: Snapshot = self._stat(self._files(settings.file))
-        self.listeners: list[ReloadListener] = []  # e.g. `proxy.shared` tells the other replicas
+        self.listeners: list[ReloadListener] = []  # e.g. `proxy.state.shared` tells the other replicas
 
     @property
     def live(self) -> Live:
@@ -178,64 +174,3 @@ class PolicyStore:
             else:
                 out[path] = (st.st_mtime_ns, st.st_size)
         return out
-
-
-POLICY_STORE = web.AppKey("policy_store", PolicyStore)
-
-
-# -- aiohttp glue ------------------------------------------------------------------------------------
-
-
-async def watch_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Poll the config and policy files while the app runs (when there is a file and polling is on)."""
-    store = app[POLICY_STORE]
-    interval = store.settings.file.reload.poll_seconds
-    task = None
-    if store.settings.path is not None and interval > 0:
-        task = asyncio.create_task(store.watch(interval), name="policy-watcher")
-    yield
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
-async def sighup_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Reload on SIGHUP. For `backtrack serve` only: a signal handler belongs to the whole process."""
-    store = app[POLICY_STORE]
-    loop = asyncio.get_running_loop()
-    pending: set[asyncio.Task[None]] = set()
-
-    def on_hup() -> None:
-        task = loop.create_task(store.reload_logged("SIGHUP"))
-        pending.add(task)  # the loop keeps only a weak reference to a task
-        task.add_done_callback(pending.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    yield
-    loop.remove_signal_handler(signal.SIGHUP)
-    await asyncio.gather(*pending, return_exceptions=True)
-
-
-def check_admin(request: web.Request) -> None:
-    """401 without a bearer token, 403 with a wrong one (or when no admin token is configured)."""
-    settings = request.app[POLICY_STORE].settings
-    expected = settings.admin_token
-    if expected is None:
-        raise Forbidden(f"The admin endpoints are off: set {settings.admin.token_env} to turn them on.")
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("The admin endpoints need 'Authorization: Bearer TOKEN'.")
-    # Constant time: how long the comparison takes says nothing about how much of the token was right.
-    if not hmac.compare_digest(token.strip().encode(), expected.get_secret_value().encode()):
-        raise Forbidden("The admin token is wrong.")
-
-
-async def admin_reload(request: web.Request) -> web.Response:
-    """`POST /admin/reload`: 200 with the new generation, or 422 with the errors (the old ones serve)."""
-    check_admin(request)
-    try:
-        live = await request.app[POLICY_STORE].reload("POST /admin/reload")
-    except ConfigError as exc:
-        raise ConfigError(exc.message, status=422) from None
-    policies = sorted(live.policy_set.policies)
-    return web.json_response({"result": "ok", "generation": live.generation, "policies": policies})

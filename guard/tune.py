@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # numpy, torch and the guard package load only when `tune` ru
 
     from guard.evaluate import Scored
     from guard.scorer import BatchScorer
-    from proxy.policy import Policy
+    from proxy.core.policy import Policy
 
 BIASES = tuple(b / 2 for b in range(-24, 13))  # -12 … +6 in steps of 0.5
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
@@ -408,7 +408,7 @@ def register(subparsers: Any) -> None:
 
 def tune_command(args: argparse.Namespace) -> int:
     from guard.cli import resolve_policy
-    from proxy.policy import load_policy
+    from proxy.core.policy import load_policy
 
     policy = load_policy(resolve_policy(args.policy))
     if args.logits is not None:

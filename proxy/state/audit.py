@@ -18,26 +18,22 @@ in `backtrack_audit_events_total{result="dropped"}` and logged).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import re
-import sys
-import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from proxy.engine import Flagged, ResetEvent
-from proxy.metrics import StoreMetrics
-from proxy.policy import Action, Policy
-from proxy.selection import Tenant
-from proxy.store import PAGE, RedisStore, Store, StoreUnavailable
+from proxy.core.engine import Flagged, ResetEvent
+from proxy.core.policy import Action, Policy
+from proxy.core.selection import Tenant
+from proxy.state.metrics import StoreMetrics
+from proxy.state.store import PAGE, Store, StoreUnavailable
 
 log = logging.getLogger("backtrack")
 
@@ -224,49 +220,3 @@ async def export(store: Store, since: datetime | None, write: Callable[[str], ob
             count += 1
         if len(page) < PAGE:
             return count
-
-
-def register(subparsers: Any) -> None:
-    """Add `audit export` to the `backtrack` command."""
-    audit = subparsers.add_parser("audit", help="the audit log of resets and flags (in Redis)")
-    sub = audit.add_subparsers(dest="audit", required=True)
-    p = sub.add_parser(
-        "export", help="print audit events as JSONL in the shared data schema, with their audit fields"
-    )
-    p.add_argument("--config", type=Path, help="config.yaml naming redis.url (BACKTRACK_REDIS_URL overrides)")
-    p.add_argument("--since", help="only events at or after this: ISO 8601 time, or an age like 30m, 12h, 7d")
-    p.set_defaults(func=_export_command)
-
-
-def _export_command(args: argparse.Namespace) -> int:
-    from proxy.config import load_settings
-
-    settings = load_settings(args.config)
-    if settings.redis_url is None:
-        print(
-            "backtrack audit export: no redis.url (or BACKTRACK_REDIS_URL); without Redis the audit log "
-            "lives in the proxy's memory only",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        since = None if args.since is None else parse_since(args.since, time.time())
-    except ValueError as exc:
-        print(f"backtrack audit export: {exc}", file=sys.stderr)
-        return 2
-    redis = settings.file.redis
-    store = RedisStore(settings.redis_url, prefix=redis.prefix, audit_maxlen=redis.audit_maxlen)
-
-    async def go() -> int:
-        try:
-            return await export(store, since, sys.stdout.write)
-        finally:
-            await store.close()
-
-    try:
-        count = asyncio.run(go())
-    except StoreUnavailable as exc:
-        print(f"backtrack audit export: {exc}", file=sys.stderr)
-        return 1
-    print(f"backtrack audit export: {count} events", file=sys.stderr)
-    return 0

@@ -19,7 +19,7 @@ from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger  # type: ignore[import-not-found]
 
-# `proxy.bench_all.HOOK_SETTINGS_ENV`: this module runs where the bench's own imports may not.
+# `bench.suite.HOOK_SETTINGS_ENV`: this module runs where the bench's own imports may not.
 SETTINGS_ENV = "BACKTRACK_BENCH_GUARD"
 
 

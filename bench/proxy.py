@@ -50,9 +50,9 @@ import aiohttp
 import yaml
 
 import proxy
-from proxy.errors import BacktrackError
-from proxy.replay import Row, load_rows
-from proxy.tokens import ApproxTokenizer
+from proxy.core.errors import BacktrackError
+from proxy.core.tokens import ApproxTokenizer
+from proxy.replay.app import Row, load_rows
 
 PACKAGE_ROOT = Path(proxy.__file__).resolve().parent.parent
 DEFAULT_CONFIG = PACKAGE_ROOT / "config.yaml"
@@ -607,7 +607,16 @@ def _write_config(directory: Path, name: str, holdback: int | None) -> Path:
 
 def replay_command(data: Path, port: int, tokens_per_second: float | None) -> list[str]:
     """`backtrack replay-upstream` for `data` on `port`, paced at `tokens_per_second` (None: unpaced)."""
-    command = [sys.executable, "-m", "proxy.cli", "replay-upstream", "--data", str(data), "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "proxy.cli.main",
+        "replay-upstream",
+        "--data",
+        str(data),
+        "--port",
+        str(port),
+    ]
     return command + (["--tokens-per-second", str(tokens_per_second)] if tokens_per_second else [])
 
 
@@ -624,7 +633,7 @@ def proxy_command(config: Path, upstream: str, port: int) -> list[str]:
         "--port",
         str(port),
     ]
-    return [sys.executable, "-m", "proxy.cli", *serve]
+    return [sys.executable, "-m", "proxy.cli.main", *serve]
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

@@ -116,7 +116,7 @@ class Metrics:
 
 
 class StoreMetrics:
-    """Shared state's metrics (`proxy.shared`): registered on an app's registry when its store opens.
+    """Shared state's metrics (`proxy.state.shared`): registered on an app's registry when its store opens.
 
     Documented with the store, in the README's "Shared state (Redis)" section.
     """

@@ -23,19 +23,17 @@ When tenants are configured every request must present a known key (`Authorizati
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import AfterValidator, Field, model_validator
 
-from proxy.errors import ClientError, Forbidden, Unauthorized
-from proxy.policy import Policy, _Frozen
+from proxy.core.errors import ClientError, Forbidden, Unauthorized
+from proxy.core.policy import Policy, _Frozen
 
 POLICY_HEADER = "X-Backtrack-Policy"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -208,21 +206,3 @@ def forwarded_headers(headers: Mapping[str, str], tenant: Tenant | None) -> dict
 
 
 # -- `backtrack hash-key` ----------------------------------------------------------------------------
-
-
-def register(subparsers: Any) -> None:
-    """Add `hash-key` to the `backtrack` command."""
-    p = subparsers.add_parser(
-        "hash-key", help="print the sha256 digest of a proxy API key (read from stdin) for config.yaml"
-    )
-    p.set_defaults(func=_hash_key_command)
-
-
-def _hash_key_command(args: argparse.Namespace) -> int:
-    # From stdin, not the command line, so that the key stays out of shell history and `ps`.
-    key = sys.stdin.readline().strip()
-    if not key:
-        print("backtrack hash-key: give the key on stdin", file=sys.stderr)
-        return 2
-    print(hash_key(key))
-    return 0
