@@ -7,7 +7,8 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
-from harness import Harness
+
+from tests.harness import Harness
 
 
 @pytest.fixture

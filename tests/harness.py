@@ -1,19 +1,25 @@
-"""Real-socket helpers: a replay upstream, the proxy in front of it, and the official openai client.
+"""Real-socket helpers: a replay upstream, the proxy in front of it (in process, or as `backtrack serve`),
+the official clients, and the proxy's metrics.
 
-Every server listens on 127.0.0.1, port 0; every config, policy and data file is written by hand into
-`tmp_path`, so a test shows the whole setup it relies on. `Harness` closes all it opened when its stack
-closes.
+Every in-process server listens on 127.0.0.1, port 0; every config, policy and data file is written by
+hand into `tmp_path`, so a test shows the whole setup it relies on. `Harness` closes all it opened when
+its stack closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Mapping
-from contextlib import AsyncExitStack
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import aiohttp
+import anthropic
+import ollama
 import openai
 import yaml
 from aiohttp import web
@@ -21,6 +27,9 @@ from aiohttp import web
 from proxy.core.config import Settings, load_settings
 from proxy.replay.app import create_replay_app, load_rows
 from proxy.server.app import create_app
+from tests.support import REPO, eventually, free_port
+
+C = TypeVar("C")
 
 BENIGN = {"prompt": "What is 2 + 2?", "response": "2 + 2 is 4, the same as 2 times 2."}
 MARKED = {
@@ -66,6 +75,31 @@ def policy(**changes: Any) -> dict[str, Any]:
     return {**POLICY, **changes}
 
 
+def put(path: Path, data: Any) -> None:
+    """Write `data` (YAML, or a string as is) as editors do: by replacing the file whole, so a proxy
+    polling for edits never reads half of it."""
+    part = path.with_suffix(".part")
+    part.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+    os.replace(part, path)
+
+
+def write_policies(folder: Path, **policies: Mapping[str, Any]) -> dict[str, str]:
+    """Policy files `folder/policies/NAME.yaml` (each written whole, see `put`); the `policies` section
+    of a config in `folder` that names them."""
+    (folder / "policies").mkdir(exist_ok=True)
+    for name, data in policies.items():
+        put(folder / "policies" / f"{name}.yaml", dict(data))
+    return {name: f"policies/{name}.yaml" for name in policies}
+
+
+class Proxied(NamedTuple, Generic[C]):
+    """What `Harness.proxy_client` started: a client of the proxy, the proxy's and the upstream's roots."""
+
+    client: C
+    proxy: str
+    upstream: str
+
+
 class Harness:
     """Starts servers and clients for one test; `stack` closes them all, newest first."""
 
@@ -93,12 +127,9 @@ class Harness:
 
         `extra` adds sections, or keys to a section: `{"upstream": {"api_key": "sk-1"}}`.
         """
-        policy_dir = self.tmp_path / "policies"
-        policy_dir.mkdir(exist_ok=True)
-        (policy_dir / "test.yaml").write_text(yaml.safe_dump(dict(policy or POLICY)), encoding="utf-8")
         config: dict[str, Any] = {
             "upstream": {"url": upstream},
-            "policies": {"test": "policies/test.yaml"},
+            "policies": write_policies(self.tmp_path, test=policy or POLICY),
             "default_policy": "test",
         }
         for key, value in (extra or {}).items():
@@ -144,10 +175,34 @@ class Harness:
         """The proxy in front of `upstream` with `policy` (and `extra` config); its root URL."""
         return await self.serve(create_app(self.settings(upstream, policy, extra)))
 
+    async def proxy_client(
+        self,
+        connect: Callable[[str], Awaitable[C]],
+        policy: Mapping[str, Any] | None = None,
+        rows: list[Mapping[str, Any]] | None = None,
+    ) -> Proxied[C]:
+        """A proxy with `policy` in front of a fresh replay upstream of `rows`, and a client of it that
+        `connect` (`self.client`, `self.ollama_client`, `self.anthropic_client`) makes from its root."""
+        upstream = await self.replay(rows)
+        proxy = await self.proxy(upstream, policy)
+        return Proxied(await connect(proxy), proxy, upstream)
+
     # -- clients -------------------------------------------------------------------------------------
 
     async def client(self, root: str, api_key: str = "sk-test") -> openai.AsyncOpenAI:
+        """The official openai client of the proxy (or upstream) at `root`, without retries."""
         client = openai.AsyncOpenAI(base_url=f"{root}/v1", api_key=api_key, max_retries=0, timeout=30)
+        return await self.stack.enter_async_context(client)
+
+    async def ollama_client(self, root: str) -> ollama.AsyncClient:
+        """The official ollama client of the proxy at `root`."""
+        client = ollama.AsyncClient(host=root)
+        self.stack.push_async_callback(client.close)
+        return client
+
+    async def anthropic_client(self, root: str) -> anthropic.AsyncAnthropic:
+        """The official anthropic client of the proxy at `root`, without retries."""
+        client = anthropic.AsyncAnthropic(base_url=root, api_key="sk-ant-client", max_retries=0, timeout=30)
         return await self.stack.enter_async_context(client)
 
     async def session(self) -> aiohttp.ClientSession:
@@ -166,3 +221,45 @@ async def chat_text(client: openai.AsyncOpenAI, prompt: str, **kwargs: Any) -> s
         model="m", messages=[{"role": "user", "content": prompt}], stream=True, **kwargs
     )
     return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+
+async def metric(session: aiohttp.ClientSession, root: str, name: str) -> float:
+    """The value of the series `name` (with its labels, as `/metrics` prints them) on the proxy at `root`.
+
+    The sum if several lines match, 0 if none does (a labelled series appears at its first use).
+    """
+    async with session.get(f"{root}/metrics") as resp:
+        body = await resp.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(name + " "))
+
+
+@asynccontextmanager
+async def serving(*args: str | Path) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """`backtrack serve ARGS --port P` as a user runs it, a subprocess, until /healthz answers (10 s at
+    most): (its root URL, the process). Then it is terminated and must exit with status 0."""
+    port = free_port()
+    command = [sys.executable, "-m", "proxy.cli.main", "serve", *map(str, args), "--port", str(port)]
+    proc = await asyncio.create_subprocess_exec(
+        *command, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    root = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def healthy() -> bool:
+                try:
+                    async with session.get(f"{root}/healthz") as resp:
+                        if resp.status == 200:
+                            return True
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert proc.returncode is None, await proc.stdout.read() if proc.stdout else b""
+                return False
+
+            await eventually(healthy, "backtrack serve to answer /healthz", seconds=10)
+        yield root, proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        output, _ = await asyncio.wait_for(proc.communicate(), timeout=20)
+    assert proc.returncode == 0, output.decode()

@@ -31,9 +31,11 @@ for clients that mend their display.
 
 States (per choice):
 
-    STREAMING  --reset: regenerate/inject-->   REGENERATING --begin_attempt--> STREAMING
-    STREAMING  --reset: refuse/truncate, finish-->   DONE
-    STREAMING  --reset: continue / flag-->           STREAMING
+    STREAMING     --reset: regenerate/inject-->          REGENERATING --begin_attempt--> STREAMING
+    STREAMING     --reset: refuse/truncate, finish-->    DONE
+    STREAMING     --reset: continue / flag-->            STREAMING
+    REGENERATING  --give_up (asking again failed)-->     DONE   (the refusal is released)
+    any           --abandon (the upstream broke)-->      DONE   (held text dropped, nothing released)
 
 The shell feeds pieces, asks `take_unscored()` for text to give the guard, hands back verdicts, and on
 the upstream's finish calls `finish()` once the guard has judged everything (`fully_scored`).
@@ -206,6 +208,12 @@ class StreamEngine:
             return []
         self.state = State.DONE
         return [Release(Piece(self.policy.refusal_message)), Finish("stop")]
+
+    def abandon(self) -> None:
+        """The upstream failed mid-stream: the choice ends where it is, its held text dropped unjudged
+        (the shell sends the client an in-band error instead of a finish)."""
+        self.attempt.held = []
+        self.state = State.DONE
 
     def begin_attempt(self) -> None:
         """A regenerated response starts; call after acting on `Regenerate`."""

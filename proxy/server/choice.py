@@ -1,8 +1,10 @@
-"""One guarded response: an engine and a guard stream per choice, and the scoring loop between them.
+"""One guarded response: a `Choice` per choice (its engine, its guard stream, what its client was
+shown), and the scoring loop between the engine and the guard.
 
-This is the only place that awaits the guard. Timeouts and guard failures become the policy's fail
-mode here; after a fail-open the choice goes on unguarded (its guard stream state is unknown) and every
-further verdict it would have needed counts as a fail-open event.
+`GuardedResponse` is the only place that drives an engine or awaits the guard: the relay hands it
+pieces and finishes and writes out the outputs it returns. Timeouts and guard failures become the
+policy's fail mode here; after a fail-open the choice goes on unguarded (its guard stream state is
+unknown) and every further verdict it would have needed counts as a fail-open event.
 """
 
 from __future__ import annotations
@@ -14,30 +16,36 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.core.detectors import Guard, GuardStream, InlineStream
-from proxy.core.engine import Flagged, Output, ResetEvent, State, StreamEngine
+from proxy.core.engine import Flagged, Output, Piece, ResetEvent, State, StreamEngine
 from proxy.core.errors import GuardError
 from proxy.core.policy import Action, Policy
+from proxy.dialects.base import PREFILL
 from proxy.state.metrics import Metrics
 
 log = logging.getLogger("backtrack")
 
 
 @dataclass
-class ChoiceRun:
+class Choice:
+    """Everything one choice of the response holds, for its whole life (every attempt)."""
+
+    index: int
     engine: StreamEngine
     guard: GuardStream
     unguarded: bool = False
-    upstream_reason: str | None = None  # the finish_reason the upstream gave, once it has
-    upstream_rest: dict[str, object] = field(default_factory=dict)
     # The same stream when it is cheap enough to judge inline (no task, no timeout); checked once.
     inline: InlineStream | None = None
+    # The current attempt's released pieces, prefill included (joined only for `inject`: appending to
+    # one string per chunk would copy the whole answer every time).
+    shown: list[str] = field(default_factory=list)
+    inject: str | None = None  # after an `inject` reset: the answer's start to ask again with
 
     def __post_init__(self) -> None:
         self.inline = self.guard if isinstance(self.guard, InlineStream) else None
 
     @property
-    def done(self) -> bool:
-        return self.engine.state is State.DONE
+    def state(self) -> State:
+        return self.engine.state
 
 
 @dataclass(frozen=True)
@@ -62,23 +70,46 @@ class GuardedResponse:
         self.prompt = prompt if policy.score_prompt else None
         self.metrics = metrics
         self.labels = labels
-        self.runs: dict[int, ChoiceRun] = {}
+        self.choices: dict[int, Choice] = {}
         self.on_event = on_event  # told of each reset and flag (the audit log, strikes)
 
-    def run(self, index: int) -> ChoiceRun:
-        run = self.runs.get(index)
-        if run is None:
+    def choice(self, index: int, prefill: str = "") -> Choice:
+        """Choice `index`; a new one reads the client's `prefill` first, as the start of its answer."""
+        choice = self.choices.get(index)
+        if choice is None:
             engine = StreamEngine(self.policy, self.guard.tokenizer)
-            run = self.runs[index] = ChoiceRun(engine, self.guard.open(self.prompt))
-        return run
+            choice = self.choices[index] = Choice(index, engine, self.guard.open(self.prompt))
+            if prefill:
+                # Nothing is judged yet, so feeding cannot release anything: the outputs are empty.
+                engine.feed(Piece(prefill, PREFILL))
+        return choice
 
-    def restart_guard(self, run: ChoiceRun) -> None:
+    def feed(self, choice: Choice, piece: Piece) -> list[Output]:
+        return choice.engine.feed(piece)
+
+    def give_up(self, choice: Choice) -> list[Output]:
+        """Asking again for this choice failed: it is refused."""
+        return choice.engine.give_up()
+
+    def abandon(self) -> None:
+        """The upstream failed mid-stream: every choice ends where it is, its held text dropped."""
+        for choice in self.choices.values():
+            choice.engine.abandon()
+
+    def begin_again(self, choice: Choice) -> None:
+        """A regenerated answer for this choice starts: a new attempt, read afresh."""
+        if choice.state is State.REGENERATING:
+            choice.engine.begin_attempt()
+            self._restart_guard(choice)
+        choice.shown = []
+
+    def _restart_guard(self, choice: Choice) -> None:
         """A new attempt (regenerated, or the upstream's continuation) is read from its start."""
-        run.guard.close()
-        run.guard = self.guard.open(self.prompt)
-        run.inline = run.guard if isinstance(run.guard, InlineStream) else None
+        choice.guard.close()
+        choice.guard = self.guard.open(self.prompt)
+        choice.inline = choice.guard if isinstance(choice.guard, InlineStream) else None
 
-    async def score(self, run: ChoiceRun, *, final: bool = False) -> list[Output]:
+    async def score(self, run: Choice, *, final: bool = False) -> list[Output]:
         """Give the guard what it has not read; returns the engine's outputs for the verdicts."""
         out: list[Output] = []
         engine = run.engine
@@ -94,19 +125,19 @@ class GuardedResponse:
             out += step
             self._observe(step)
             if any(isinstance(o, ResetEvent) and o.action is Action.CONTINUE for o in step):
-                self.restart_guard(run)  # the continuation is a new response: read it afresh
+                self._restart_guard(run)  # the continuation is a new response: read it afresh
                 continue
             if not final or engine.fully_scored:
                 break
         return out
 
-    async def finish(self, run: ChoiceRun) -> list[Output]:
-        """The upstream finished this choice: judge the rest, then release it."""
+    async def finish(self, run: Choice, reason: str | None) -> list[Output]:
+        """The upstream finished this choice with `reason`: judge the rest, then release it."""
         out = await self.score(run, final=True)
-        out += run.engine.finish(run.upstream_reason)
+        out += run.engine.finish(reason)
         return out
 
-    async def _verdict(self, run: ChoiceRun, text: str, final: bool) -> list[Output]:
+    async def _verdict(self, run: Choice, text: str, final: bool) -> list[Output]:
         if run.inline is not None:
             return run.engine.on_verdict(run.inline.feed_sync(text, final=final))
         started = time.perf_counter()
@@ -123,7 +154,7 @@ class GuardedResponse:
         self.metrics.guard_latency.labels(self.labels.policy).observe(time.perf_counter() - started)
         return run.engine.on_verdict(verdict)
 
-    def _failed(self, run: ChoiceRun, kind: str) -> list[Output]:
+    def _failed(self, run: Choice, kind: str) -> list[Output]:
         self.metrics.guard_failures.labels(self.labels.policy, kind, self.policy.fail_mode).inc()
         log.warning(
             "guard unavailable (%s); policy %s fails %s", kind, self.policy.name, self.policy.fail_mode
@@ -157,5 +188,5 @@ class GuardedResponse:
             self.metrics.holdback_delay.labels(self.labels.policy).observe(time.monotonic() - received)
 
     def close(self) -> None:
-        for run in self.runs.values():
-            run.guard.close()
+        for choice in self.choices.values():
+            choice.guard.close()

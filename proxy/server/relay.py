@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiohttp import ClientResponse, web
 
@@ -34,6 +35,7 @@ from proxy.dialects.base import (
     PREFILL,
     ChoiceFinish,
     ChoicePiece,
+    Codec,
     DialectRequest,
     Done,
     Event,
@@ -43,7 +45,7 @@ from proxy.dialects.base import (
     backtrack_summary,
     reset_object,
 )
-from proxy.server.choice import ChoiceRun, GuardedResponse
+from proxy.server.choice import Choice, GuardedResponse
 from proxy.server.upstream import Upstream, read_body, read_chunks
 
 log = logging.getLogger("backtrack")
@@ -86,6 +88,83 @@ def stream_headers(media_type: str, policy: str) -> dict[str, str]:
     }
 
 
+class Sink(Protocol):
+    """Where a choice's outputs go: the client's stream (the codec's encoders), or a whole answer."""
+
+    def release(self, index: int, piece: Piece) -> bytes: ...
+
+    def reset(self, index: int, event: ResetEvent) -> bytes: ...
+
+    def finish(self, index: int, reason: str | None, rest: JSON | None) -> bytes: ...
+
+
+class StreamSink:
+    """Outputs as the client's stream, in the codec's wire format."""
+
+    def __init__(self, codec: Codec, guarded: GuardedResponse) -> None:
+        self.codec = codec
+        self.guarded = guarded
+
+    def release(self, index: int, piece: Piece) -> bytes:
+        if piece.extra is PREFILL:
+            return b""  # the client wrote it
+        self.guarded.observe_release(piece.received)
+        return self.codec.piece(index, piece)
+
+    def reset(self, index: int, event: ResetEvent) -> bytes:
+        return self.codec.reset(index, event)
+
+    def finish(self, index: int, reason: str | None, rest: JSON | None) -> bytes:
+        return self.codec.finish(index, reason, rest)
+
+
+@dataclass
+class Answer:
+    """One choice of a non-streamed answer, as the outputs leave it."""
+
+    text: str = ""  # what a streaming client would have been shown, its prefill included
+    prefill: int = 0  # how much of `text` is the prefill
+    reason: str | None = None
+    finished: bool = False
+
+
+class AnswerSink:
+    """Outputs collected into whole choices, for a non-streamed answer."""
+
+    def __init__(self) -> None:
+        self.answers: dict[int, Answer] = {}
+        self.resets: list[JSON] = []
+
+    def answer(self, index: int) -> Answer:
+        return self.answers.setdefault(index, Answer())
+
+    def release(self, index: int, piece: Piece) -> bytes:
+        answer = self.answer(index)
+        answer.text += piece.text
+        answer.prefill += len(piece.text) if piece.extra is PREFILL else 0
+        return b""
+
+    def reset(self, index: int, event: ResetEvent) -> bytes:
+        answer = self.answer(index)
+        kept = len(answer.text) - event.retract_chars
+        answer.text = answer.text[:kept]
+        answer.prefill = min(answer.prefill, kept)
+        # The client of a non-streamed answer never saw the retracted text: nothing to mend.
+        self.resets.append({**reset_object(event), "retract_chars": 0, "index": index})
+        return b""
+
+    def finish(self, index: int, reason: str | None, rest: JSON | None) -> bytes:
+        answer = self.answer(index)
+        answer.reason, answer.finished = reason, True
+        return b""
+
+    def take(self, index: int) -> Answer:
+        """The choice's collected answer, its prefill left out (the client wrote it); starts afresh."""
+        answer = self.answers.pop(index, Answer())
+        answer.text = answer.text[answer.prefill :]
+        return answer
+
+
 class Relay:
     def __init__(
         self, req: DialectRequest, upstream: Upstream, guarded: GuardedResponse, path: str,
@@ -105,37 +184,39 @@ class Relay:
         self.ended = False  # the client's stream has its end (or an in-band error)
         self.pending: list[int] = []  # choices waiting to be asked for again, in order
         self.target: int | None = None  # the choice a regeneration request answers (None: all of them)
-        # Per choice: the current attempt's released pieces, prefill included (joined only for `inject`:
-        # appending to one string per chunk would copy the whole answer every time).
-        self.shown: dict[int, list[str]] = {}
-        self.inject: dict[int, str] = {}  # per choice: the answer's start to ask again with (`inject`)
 
-    def run(self, index: int) -> ChoiceRun:
-        """The choice's run; a new one reads the client's prefill first."""
-        fresh = index not in self.guarded.runs
-        run = self.guarded.run(index)
-        if fresh and self.prefill:
-            # Nothing is judged yet, so feeding cannot release anything: the outputs are empty.
-            run.engine.feed(Piece(self.prefill, PREFILL))
-        return run
+    def choice(self, index: int) -> Choice:
+        return self.guarded.choice(index, self.prefill)
 
     def next_body(self, index: int) -> JSON:
         """The request that asks again for choice `index`: with the injected prefill where the dialect
         has one, else with the safety instruction."""
-        prefix = self.inject.pop(index, None)
+        choice = self.guarded.choices[index]
+        prefix, choice.inject = choice.inject, None
         body = self.req.inject_body(prefix) if prefix is not None else None
         if body is None:
             body = self.req.regenerate_body(self.guarded.policy.regenerate_instruction)
         return body
 
-    def begin_again(self, index: int) -> ChoiceRun:
-        """A regenerated answer for choice `index` starts: a new attempt, read afresh."""
-        run = self.guarded.runs[index]
-        if run.engine.state is State.REGENERATING:
-            run.engine.begin_attempt()
-            self.guarded.restart_guard(run)
-        self.shown[index] = []
-        return run
+    def emit(self, choice: Choice, outputs: list[Output], sink: Sink, rest: JSON | None = None) -> bytes:
+        """The one output path of both modes: a choice's outputs, written to `sink`. `rest` is the
+        upstream's finishing message of the choice, when this is the upstream's finish."""
+        out = bytearray()
+        index = choice.index
+        for o in outputs:
+            if isinstance(o, Release):
+                choice.shown.append(o.piece.text)
+                out += sink.release(index, o.piece)
+            elif isinstance(o, ResetEvent):
+                out += sink.reset(index, o)
+                if o.action is Action.INJECT:
+                    choice.inject = "".join(choice.shown) + o.discarded + self.marker
+                choice.shown = []
+            elif isinstance(o, Finish):
+                out += sink.finish(index, o.reason, rest)
+            elif isinstance(o, Regenerate):
+                self.pending.append(index)
+        return bytes(out)
 
     # -- streaming -----------------------------------------------------------------------------------
 
@@ -157,10 +238,11 @@ class Relay:
             return self.response
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
+        sink = StreamSink(self.codec, self.guarded)
         body = self.req.body
         if self.prefill:
             for index in range(self.req.n):
-                self.run(index)  # judged even if the upstream says nothing
+                self.choice(index)  # judged even if the upstream says nothing
         while True:
             try:
                 async with self.upstream.request("POST", self.path, self.headers, body) as up:
@@ -170,25 +252,27 @@ class Relay:
                         self.response = web.StreamResponse(headers=headers)
                         await self.response.prepare(request)
                     if self.target is not None:
-                        self.begin_again(self.target)
-                    await self._relay(request, self.response, up)
+                        self.guarded.begin_again(self.guarded.choices[self.target])
+                    await self._relay(request, self.response, up, sink)
             except UpstreamError as exc:
                 if self.response is None:
                     raise
                 # A regeneration that cannot be had is refused; a stream that broke ends in-band.
                 self._count_upstream_error(type(exc).__name__)
                 unanswered = self.target is not None and self._state(self.target) is State.REGENERATING
-                failed = self._give_up() if unanswered else self._abandon(exc.message, exc.kind)
+                failed = self._give_up(sink) if unanswered else self._abandon(exc.message, exc.kind)
                 await self.response.write(failed)
             if not self.pending:
                 break
             self.target = self.pending.pop(0)
             body = self.next_body(self.target)
         if not self.ended:
-            await self.response.write(await self._end_all())
+            await self.response.write(await self._end_all(sink))
         return self.response
 
-    async def _relay(self, request: web.Request, response: web.StreamResponse, up: ClientResponse) -> None:
+    async def _relay(
+        self, request: web.Request, response: web.StreamResponse, up: ClientResponse, sink: Sink
+    ) -> None:
         """One upstream response, until it ends or has nothing left for the choices it answers."""
         self.codec.begin_attempt()
         self.upstream_done = False
@@ -196,10 +280,10 @@ class Relay:
             # While text is held back nothing is written, and only a write notices a gone client.
             if request.transport is None or request.transport.is_closing():
                 raise ConnectionResetError("the client went away")
-            await response.write(await self._handle(self.codec.feed(data)))
+            await response.write(await self._handle(self.codec.feed(data), sink))
             if self.upstream_done or self._waits_for_another():
                 return
-        await response.write(await self._handle(self.codec.flush()))
+        await response.write(await self._handle(self.codec.flush(), sink))
 
     def _waits_for_another(self) -> bool:
         """None of the choices this upstream response answers is still streaming, and one waits to be
@@ -209,26 +293,24 @@ class Relay:
         return State.STREAMING not in states and State.REGENERATING in states
 
     def _state(self, index: int) -> State:
-        run = self.guarded.runs.get(index)
-        return State.STREAMING if run is None else run.engine.state  # a choice not seen yet is to come
+        choice = self.guarded.choices.get(index)
+        return State.STREAMING if choice is None else choice.state  # a choice not seen yet is to come
 
-    async def _handle(self, events: list[Event]) -> bytes:
+    async def _handle(self, events: list[Event], sink: Sink) -> bytes:
         out = bytearray()
-        touched: set[int] = set()
+        touched: dict[int, Choice] = {}
         for event in events:
             if isinstance(event, ChoicePiece | ChoiceFinish):
                 # A regeneration's one choice stands in for the choice it was asked for.
-                index = event.index if self.target is None else self.target
+                choice = self.choice(event.index if self.target is None else self.target)
             if isinstance(event, ChoicePiece):
-                run = self.run(index)
                 piece = Piece(event.piece.text, event.piece.extra, time.monotonic())
-                out += self._encode(index, run.engine.feed(piece))
-                touched.add(index)
+                out += self.emit(choice, self.guarded.feed(choice, piece), sink)
+                touched[choice.index] = choice
             elif isinstance(event, ChoiceFinish):
-                run = self.run(index)
-                run.upstream_reason, run.upstream_rest = event.reason, event.choice
-                out += self._encode(index, await self.guarded.finish(run))
-                touched.discard(index)
+                outputs = await self.guarded.finish(choice, event.reason)
+                out += self.emit(choice, outputs, sink, _upstream_rest(outputs, event))
+                touched.pop(choice.index, None)
             elif isinstance(event, Usage | Passthrough):
                 out += self.codec.passthrough(event)
             elif isinstance(event, UpstreamFailure):
@@ -238,30 +320,30 @@ class Relay:
                 return bytes(out)
             elif isinstance(event, Done):
                 self.upstream_done = True
-        for index in touched:
-            out += self._encode(index, await self.guarded.score(self.guarded.run(index)))
+        for choice in touched.values():
+            out += self.emit(choice, await self.guarded.score(choice), sink)
         if self.upstream_done and not self.pending:
-            out += await self._end_all()
+            out += await self._end_all(sink)
         return bytes(out)
 
-    async def _end_all(self) -> bytes:
+    async def _end_all(self, sink: Sink) -> bytes:
         """Nothing more will come: finish every choice still open, then end the stream."""
         out = bytearray()
-        for index, run in sorted(self.guarded.runs.items()):
-            if run.engine.state is State.STREAMING:
-                out += self._encode(index, await self.guarded.finish(run))
-            elif run.engine.state is State.REGENERATING:
-                out += self._encode(index, run.engine.give_up())
+        for _, choice in sorted(self.guarded.choices.items()):
+            if choice.state is State.STREAMING:
+                out += self.emit(choice, await self.guarded.finish(choice, None), sink)
+            elif choice.state is State.REGENERATING:
+                out += self.emit(choice, self.guarded.give_up(choice), sink)
         out += self.codec.end()
         self.ended = True
         return bytes(out)
 
-    def _give_up(self) -> bytes:
+    def _give_up(self, sink: Sink) -> bytes:
         """Asking again failed: every choice waiting for it is refused."""
         out = bytearray()
         self.pending.clear()
-        for index, run in self.guarded.runs.items():
-            out += self._encode(index, run.engine.give_up())
+        for choice in self.guarded.choices.values():
+            out += self.emit(choice, self.guarded.give_up(choice), sink)
         return bytes(out)
 
     def _count_upstream_error(self, kind: str) -> None:
@@ -270,85 +352,61 @@ class Relay:
 
     def _abandon(self, message: str, kind: str, upstream: JSON | None = None) -> bytes:
         """The upstream failed mid-stream: held text is dropped (unjudged), the client gets the error."""
-        for run in self.guarded.runs.values():
-            run.engine.state = State.DONE
+        self.guarded.abandon()
         self.pending.clear()
         self.upstream_done = self.ended = True
         return self.codec.error(message, kind, upstream)
 
-    def _encode(self, index: int, outputs: list[Output]) -> bytes:
-        out = bytearray()
-        run = self.guarded.runs[index]
-        for o in outputs:
-            if isinstance(o, Release):
-                self.shown.setdefault(index, []).append(o.piece.text)
-                if o.piece.extra is PREFILL:
-                    continue  # the client wrote it
-                out += self.codec.piece(index, o.piece)
-                self.guarded.observe_release(o.piece.received)
-            elif isinstance(o, ResetEvent):
-                out += self.codec.reset(index, o)
-                if o.action is Action.INJECT:
-                    self.inject[index] = "".join(self.shown.get(index, ())) + o.discarded + self.marker
-                self.shown[index] = []
-            elif isinstance(o, Finish):
-                rest = run.upstream_rest if o.reason == run.upstream_reason else None
-                out += self.codec.finish(index, o.reason, rest)
-            elif isinstance(o, Regenerate):
-                self.pending.append(index)
-        return bytes(out)
-
     # -- non-streaming -------------------------------------------------------------------------------
 
     async def complete(self) -> web.Response:
-        resets: list[JSON] = []
+        sink = AnswerSink()
         answer = await self._fetch_answer(self.req.body)
-        pending = []
         for index, text, reason in self.req.answer_choices(answer):
-            if await self._judge_choice(answer, index, text, reason, resets, keep_untouched=True):
-                pending.append(index)
-        while pending:
-            index = pending.pop(0)
+            await self._judge_choice(answer, index, text, reason, sink, keep_untouched=True)
+        while self.pending:
+            index = self.pending.pop(0)
+            choice = self.guarded.choices[index]
             try:
                 fresh = await self._fetch_answer(self.next_body(index))
                 choices = self.req.answer_choices(fresh)
                 if not choices:
                     raise UpstreamError("upstream answered with no choice")
             except UpstreamError:  # the regeneration cannot be had: refused
-                text, reason, _ = self._collect(self.guarded.runs[index].engine.give_up(), resets, index)
-                self.req.set_answer_choice(answer, index, text, reason)
+                self.emit(choice, self.guarded.give_up(choice), sink)
+                refused = sink.take(index)
+                self.req.set_answer_choice(answer, index, refused.text, refused.reason)
                 continue
             _, text, reason = choices[0]
             if self.req.n == 1:
                 answer = fresh  # the one answer given: its envelope (id, usage) is the right one
-            self.begin_again(index)
-            if await self._judge_choice(answer, index, text, reason, resets, keep_untouched=self.req.n == 1):
-                pending.append(index)
-        if resets:
-            answer["backtrack"] = backtrack_summary(resets)
+            self.guarded.begin_again(choice)
+            await self._judge_choice(answer, index, text, reason, sink, keep_untouched=self.req.n == 1)
+        if sink.resets:
+            answer["backtrack"] = backtrack_summary(sink.resets)
         return web.json_response(answer, headers={"X-Backtrack-Policy": self.guarded.policy.name})
 
     async def _judge_choice(
-        self, answer: JSON, index: int, text: str, reason: str | None, resets: list[JSON], *,
+        self, answer: JSON, index: int, text: str, reason: str | None, sink: AnswerSink, *,
         keep_untouched: bool,
-    ) -> bool:  # fmt: skip
-        """Judge one choice's whole text and write the verdict into `answer`; whether to ask again.
+    ) -> None:  # fmt: skip
+        """Judge one choice's whole text and write the verdict into `answer` (unless it is to be asked
+        for again: then `pending` names it).
 
         `keep_untouched`: the choice in `answer` is this text, and stays as it came when nothing changed
         (a null content stays null); otherwise the text is always written."""
-        run = self.run(index)
-        if run.done:
-            return False
-        run.upstream_reason = reason
+        choice = self.choice(index)
+        if choice.state is State.DONE:
+            return
         outputs: list[Output] = []
         for piece in ApproxTokenizer().split(text):
-            outputs += run.engine.feed(Piece(piece))
-        outputs += await self.guarded.finish(run)
-        kept, finish, regen = self._collect(outputs, resets, index)
-        if not regen:
-            unchanged = keep_untouched and kept == text
-            self.req.set_answer_choice(answer, index, None if unchanged else kept, finish)
-        return regen
+            outputs += self.guarded.feed(choice, Piece(piece))
+        outputs += await self.guarded.finish(choice, reason)
+        self.emit(choice, outputs, sink)
+        judged = sink.take(index)
+        if judged.finished:
+            unchanged = keep_untouched and judged.text == text
+            self.req.set_answer_choice(answer, index, None if unchanged else judged.text, judged.reason)
 
     async def _fetch_answer(self, body: JSON) -> JSON:
         async with self.upstream.request("POST", self.path, self.headers, body) as up:
@@ -362,26 +420,8 @@ class Relay:
             raise UpstreamError("upstream sent a malformed response") from None
         return answer  # type: ignore[no-any-return]  # answer_choices vouched for its shape
 
-    def _collect(self, outputs: list[Output], resets: list[JSON], index: int) -> tuple[str, str | None, bool]:
-        """Released text (the prefill left out), finish reason and whether to ask again."""
-        text = ""  # what a streaming client would have been shown, its prefill included
-        prefill = 0  # how much of `text` is the prefill
-        reason: str | None = None
-        regen = False
-        for o in outputs:
-            if isinstance(o, Release):
-                text += o.piece.text
-                prefill += len(o.piece.text) if o.piece.extra is PREFILL else 0
-            elif isinstance(o, ResetEvent):
-                kept = len(text) - o.retract_chars
-                if o.action is Action.INJECT:
-                    self.inject[index] = text[kept:] + o.discarded + self.marker
-                text = text[:kept]
-                prefill = min(prefill, kept)
-                # The client of a non-streamed answer never saw the retracted text: nothing to mend.
-                resets.append({**reset_object(o), "retract_chars": 0, "index": index})
-            elif isinstance(o, Finish):
-                reason = o.reason
-            elif isinstance(o, Regenerate):
-                regen = True
-        return text[prefill:], reason, regen
+
+def _upstream_rest(outputs: list[Output], event: ChoiceFinish) -> JSON | None:
+    """The upstream's finishing message goes out with the finish when the reason is the upstream's own."""
+    finish = next((o for o in outputs if isinstance(o, Finish)), None)
+    return event.choice if finish is not None and finish.reason == event.reason else None
