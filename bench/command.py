@@ -45,7 +45,10 @@ def number_list(kind: type[float] | type[int], minimum: float, numbers: str, rul
 
 
 def add_command(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, description: str | None
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    description: str | None,
 ) -> argparse.ArgumentParser:
     """`backtrack bench NAME`, its module docstring as its `--help` text, as written."""
     return subparsers.add_parser(

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,29 +96,46 @@ def rescoring(scorer: BatchScorer, n_streams: int, parts: list[str]) -> dict[str
     return {"tokens_per_s": scored / (time.perf_counter() - start)}
 
 
-def run_bench(
-    checkpoint: Path | None, streams: list[int], new_tokens: int, response_tokens: int, threads: int
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Setup:
+    """A loaded scorer, the workload's pieces, and the two halves of the roofline."""
+
+    scorer: BatchScorer
+    parts: list[str]
+    peak: float  # this CPU's matmul FLOP/s
+    context: int  # the mean context a token is scored in
+    flops: float  # the model's FLOPs per token at that context
+
+
+def setup(checkpoint: Path | None, threads: int, response_tokens: int, new_tokens: int) -> Setup:
     scorer = load_scorer(checkpoint, threads=threads)
     torch.set_num_threads(threads)
     parts = pieces(scorer, response_tokens, new_tokens)
     peak = matmul_flops(threads)
     context = scorer.model.cfg.max_prompt_tokens // 2 + response_tokens // 2
-    flops = scorer.model.flops_per_token(context)
+    return Setup(scorer, parts, peak, context, scorer.model.flops_per_token(context))
+
+
+async def started_incremental(scorer: BatchScorer, n_streams: int, parts: list[str]) -> dict[str, float]:
+    """`incremental` with the scorer's worker running, on the current event loop."""
+    await scorer.start()
+    try:
+        return await incremental(scorer, n_streams, parts)
+    finally:
+        await scorer.stop()
+
+
+def run_bench(
+    checkpoint: Path | None, streams: list[int], new_tokens: int, response_tokens: int, threads: int
+) -> dict[str, Any]:
+    s = setup(checkpoint, threads, response_tokens, new_tokens)
+    scorer, parts, peak, context, flops = s.scorer, s.parts, s.peak, s.context, s.flops
     print(f"model: {flops / 1e6:.1f} MFLOP/token at context {context}; CPU matmul: {peak / 1e9:.1f} GFLOP/s")
     head = ["streams", "tok/s", "p50 ms", "p99 ms", "roofline", "rescore tok/s", "speedup"]
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, [8, 9, 8, 8, 9, 14, 8], strict=True)))
     rows = []
     for n in streams:
-
-        async def go(n: int = n) -> dict[str, float]:
-            await scorer.start()
-            try:
-                return await incremental(scorer, n, parts)
-            finally:
-                await scorer.stop()
-
-        inc = asyncio.run(go())
+        inc = asyncio.run(started_incremental(scorer, n, parts))
         naive = rescoring(scorer, n, parts)
         row = {
             "streams": n,
@@ -133,6 +152,32 @@ def run_bench(
     return {
         "flops_per_token": flops,
         "matmul_flops": peak,
+        "threads": threads,
+        "new_tokens": new_tokens,
+        "response_tokens": response_tokens,
+        "rows": rows,
+    }
+
+
+async def guard_roofline(checkpoint: Path, streams: list[int], threads: int) -> dict[str, Any]:
+    """The incremental workload at `backtrack bench guard`'s defaults, on the running event loop:
+    tokens/s and the share of the roofline (`backtrack bench all`'s last part).
+    """
+    response_tokens, new_tokens = 128, 8  # `backtrack bench guard`'s defaults
+    s = setup(checkpoint, threads, response_tokens, new_tokens)
+    rows = []
+    for n in streams:
+        row: dict[str, Any] = {"streams": n, **await started_incremental(s.scorer, n, s.parts)}
+        row["roofline"] = row["tokens_per_s"] * s.flops / s.peak
+        rows.append(row)
+        print(
+            f"  guard {n:>4} streams: {row['tokens_per_s']:.0f} tokens/s, {row['roofline']:.1%}",
+            file=sys.stderr,
+        )
+    return {
+        "flops_per_token": s.flops,
+        "context": s.context,
+        "matmul_flops": s.peak,
         "threads": threads,
         "new_tokens": new_tokens,
         "response_tokens": response_tokens,

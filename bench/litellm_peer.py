@@ -1,5 +1,5 @@
-"""LiteLLM, the peer `backtrack bench all` compares Backtrack with: its own virtualenv (installed on first
-use), its pass-through config, and its proxy started with or without the guard hook (`bench/litellm_guard.py`).
+"""LiteLLM, the peer `backtrack bench all` compares Backtrack with: its own virtualenv (installed on
+first use), its pass-through config, and its proxy, with or without the guard hook (`bench/litellm_guard.py`).
 """
 
 from __future__ import annotations

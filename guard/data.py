@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from guard.tokenize import GuardTokenizer
+from proxy.core.errors import DataError
 
 IGNORE = -1
 
@@ -69,17 +70,38 @@ class Row:
     file: str  # the file it came from: metrics are per file
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], file: str) -> Row:
-        return cls(
-            data["source"], str(data["id"]), data.get("prompt"), data["response"], data["harmful"], file
-        )
+    def from_json(cls, data: Any, file: str, line: int) -> Row:
+        """A row of the shared data schema; `source` defaults to the file's name and `id` to the line.
+        Raises `DataError` naming the field that is missing or of the wrong type."""
+        if not isinstance(data, dict):
+            raise DataError(f"{file}:{line}: a row must be a JSON object")
+        response, harmful, prompt = data.get("response"), data.get("harmful"), data.get("prompt")
+        if not isinstance(response, str):
+            raise DataError(f"{file}:{line}: 'response' is required and must be a string")
+        if harmful is not None and not isinstance(harmful, bool):
+            raise DataError(f"{file}:{line}: 'harmful' must be true, false or null")
+        if prompt is not None and not isinstance(prompt, str):
+            raise DataError(f"{file}:{line}: 'prompt' must be a string or null")
+        source = data.get("source") or Path(file).stem
+        return cls(str(source), str(data.get("id", line)), prompt, response, harmful, Path(file).stem)
 
 
 def read_rows(paths: Sequence[Path]) -> list[Row]:
+    """The rows of JSONL files in the shared schema; a bad line raises `DataError` naming file and line."""
     rows = []
     for path in paths:
-        with path.open(encoding="utf-8") as f:
-            rows += [Row.from_json(json.loads(line), path.stem) for line in f if line.strip()]
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: cannot read it: {exc}") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except ValueError:
+                raise DataError(f"{path}:{number}: not a JSON line") from None
+            rows.append(Row.from_json(data, str(path), number))
     return rows
 
 

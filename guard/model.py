@@ -118,13 +118,14 @@ class Block(nn.Module):
         N, C = x.shape
         H, D = self.n_heads, C // self.n_heads
         q, k, v = (t.view(N, H, D).transpose(0, 1) for t in self.qkv(x).split(C, dim=1))  # (H, N, D)
-        y = torch.empty(H, N, D)
+        y = x.new_empty(H, N, D)  # the model's own dtype and device
         for s in segments:
             a, b, L = s.start, s.start + s.n, s.past
             s.kv[layer, 0, :, L : L + s.n] = k[:, a:b]
             s.kv[layer, 1, :, L : L + s.n] = v[:, a:b]
             keys, values = s.kv[layer, 0, :, : L + s.n], s.kv[layer, 1, :, : L + s.n]  # (H, L+n, D)
-            mask = torch.arange(L + s.n)[None, :] <= (L + torch.arange(s.n))[:, None]  # (n, L+n)
+            cols, rows = torch.arange(L + s.n, device=x.device), torch.arange(s.n, device=x.device)
+            mask = cols[None, :] <= (L + rows)[:, None]  # (n, L+n)
             y[:, a:b] = F.scaled_dot_product_attention(q[:, a:b], keys, values, attn_mask=mask)
         return self._rest(x, y.transpose(0, 1).reshape(N, C))
 

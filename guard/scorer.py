@@ -212,6 +212,7 @@ class BatchScorer:
         """One packed pass over every item's new tokens; runs in a worker thread."""
         cfg = self.model.cfg
         H, D = cfg.n_heads, cfg.hidden // cfg.n_heads
+        weight = self.model.head.weight  # caches and inputs follow the model's dtype and device
         ids: list[int] = []
         types: list[int] = []
         positions: list[int] = []
@@ -221,7 +222,8 @@ class BatchScorer:
             kv = it.state.kv
             if kv is None or kv.shape[3] < L + n:
                 # Grow by doubling: a cache is copied O(log length) times, not at every step.
-                grown = torch.zeros(cfg.n_layers, 2, H, min(cfg.max_positions, max(64, 2 * (L + n))), D)
+                size = min(cfg.max_positions, max(64, 2 * (L + n)))
+                grown = weight.new_zeros(cfg.n_layers, 2, H, size, D)
                 if kv is not None and L:
                     grown[:, :, :, :L] = kv[:, :, :, :L]
                 kv = it.state.kv = grown
@@ -229,7 +231,11 @@ class BatchScorer:
             ids += [t for t, _, _ in it.take]
             types += [ty for _, ty, _ in it.take]
             positions += range(L, L + n)
-        logits = self.model.step(torch.tensor(ids), torch.tensor(types), torch.tensor(positions), segments)
+        dev = weight.device
+        logits = self.model.step(
+            torch.tensor(ids, device=dev), torch.tensor(types, device=dev),
+            torch.tensor(positions, device=dev), segments,
+        )  # fmt: skip
         out = logits.tolist()
         for it, seg in zip(items, segments, strict=True):
             it.state.length = seg.past + seg.n

@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # numpy, torch and the guard package load only when `tune` ru
     import numpy as np
     from numpy.typing import NDArray
 
+    from guard.data import Row
     from guard.evaluate import Scored
     from guard.scorer import BatchScorer
     from proxy.core.policy import Policy
@@ -143,14 +144,14 @@ def sweep(
 
 
 @dataclass(frozen=True)
-class Choice:
+class TunedPoint:
     point: Point
     met: bool  # False: no swept point meets the target; this is the one with the fewest false resets
 
 
 def choose(
     points: Sequence[Point], policy: Policy, target_false_reset: float, holdback_coverage: float
-) -> Choice:
+) -> TunedPoint:
     """The operating point (see the module docstring)."""
     cuts = {(p.logit_bias, p.threshold): p for p in points}.values()  # the hold-back does not matter here
     meeting = [p for p in cuts if p.false_reset_rate <= target_false_reset]
@@ -176,7 +177,7 @@ def choose(
     else:
         covered = [p for p in same_cut if p.caught_before_release >= holdback_coverage]
         hold = covered[0] if covered else same_cut[-1]
-    return Choice(hold, met)
+    return TunedPoint(hold, met)
 
 
 # -- the report --------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ class Setup:
         return f"{len(self.traces)} responses ({harmful} harmful, {len(self.traces) - harmful} safe)"
 
 
-def write_report(folder: Path, setup: Setup, points: Sequence[Point], choice: Choice) -> None:
+def write_report(folder: Path, setup: Setup, points: Sequence[Point], choice: TunedPoint) -> None:
     """The whole grid as CSV, the tables as markdown, the snippet, the kept scores and the plots."""
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "sweep.csv").open("w", newline="", encoding="utf-8") as f:
@@ -214,7 +215,7 @@ def write_report(folder: Path, setup: Setup, points: Sequence[Point], choice: Ch
     plot(folder, points, choice, setup.target)
 
 
-def format_snippet(setup: Setup, choice: Choice) -> str:
+def format_snippet(setup: Setup, choice: TunedPoint) -> str:
     """The operating point as policy YAML, with what was measured there in comments."""
     p, policy = choice.point, setup.policy
     lines = [
@@ -235,7 +236,7 @@ def format_snippet(setup: Setup, choice: Choice) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_markdown(setup: Setup, points: Sequence[Point], choice: Choice) -> str:
+def format_markdown(setup: Setup, points: Sequence[Point], choice: TunedPoint) -> str:
     """Two tables through the operating point: logit_bias at its threshold, and hold-back at its cut."""
     p = choice.point
     k = setup.traces[0].k if setup.traces else 0
@@ -278,7 +279,7 @@ def _num(x: float, spec: str) -> str:
     return "-" if math.isnan(x) else format(x, spec)
 
 
-def plot(folder: Path, points: Sequence[Point], choice: Choice, target: float) -> None:
+def plot(folder: Path, points: Sequence[Point], choice: TunedPoint, target: float) -> None:
     """detection_vs_false_resets.png and harmful_released_vs_holdback.png."""
     import matplotlib
 
@@ -321,19 +322,25 @@ def plot(folder: Path, points: Sequence[Point], choice: Choice, target: float) -
 # -- scoring -----------------------------------------------------------------------------------------
 
 
+def labelled_rows(data: Sequence[Path], limit: int | None = None) -> list[Row]:
+    """The labelled rows (harmful true or false) of each file, the first `limit` of each."""
+    from guard.data import read_rows
+
+    return [r for path in data for r in read_rows([path])[:limit] if r.harmful is not None]
+
+
 def score(
     scorer: BatchScorer,
-    data: Sequence[Path],
+    rows: Sequence[Row],
     policy: Policy,
-    limit: int | None = None,
     piece_tokens: int = 16,
     concurrency: int = 32,
 ) -> list[Trace]:
     """Run every labelled row through the guard once; the traces the sweep reads."""
-    from guard.data import onset_char, read_rows
+    from guard.data import onset_char
     from guard.evaluate import score_rows
 
-    rows = [r for path in data for r in read_rows([path])[:limit] if r.harmful is not None]
+    rows = list(rows)
     if not policy.score_prompt:  # the proxy then gives the guard no prompt either
         rows = [dataclasses.replace(r, prompt=None) for r in rows]
 
@@ -416,9 +423,10 @@ def tune_command(args: argparse.Namespace) -> int:
     else:
         from guard.scorer import load_scorer
 
+        rows = labelled_rows(args.data, args.limit)  # a bad file fails here, before the model loads
         scorer = load_scorer(args.checkpoint, args.base, threads=args.threads)
         sources = args.data
-        traces = score(scorer, args.data, policy, args.limit, args.piece_tokens, args.concurrency)
+        traces = score(scorer, rows, policy, args.piece_tokens, args.concurrency)
     thresholds = sorted({*THRESHOLDS, policy.threshold})
     points = sweep(traces, thresholds=thresholds, holdbacks=sorted({*HOLDBACKS, policy.holdback_tokens}))
     setup = Setup(policy, traces, sources, args.target_false_reset, args.holdback_coverage)

@@ -18,15 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import free_port
+
 EXTERNAL = os.environ.get("REDIS_URL")
 START_SECONDS = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def unique_prefix() -> str:

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench import cli as bench_cli
 from guard import cli as guard_cli
 from guard import tune
 from proxy.cli import audit, keys, replay
-from proxy.core.errors import ConfigError
+from proxy.core.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from proxy.core.config import ServerConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from proxy.core.config import load_settings
     from proxy.server.app import create_app
     from proxy.server.reload import sighup_ctx
@@ -54,16 +60,38 @@ def serve_command(args: argparse.Namespace) -> int:
     app = create_app(settings)
     app.cleanup_ctx.append(sighup_ctx)  # a signal handler is the process's: only the command installs it
     try:
-        # aiohttp calls `print` once it listens, so the banner never announces a port it could not take.
-        web.run_app(
-            app, host=settings.server.host, port=settings.server.port,
-            print=lambda _: print(banner, flush=True), access_log=None,
-        )  # fmt: skip
+        asyncio.run(serve(app, settings.server, banner))
     except OSError as exc:  # the address is taken or not ours to listen on
         where = f"{settings.server.host}:{settings.server.port}"
         print(f"backtrack: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+async def serve(app: web.Application, server: ServerConfig, banner: str) -> None:
+    """Serve `app` until SIGTERM or SIGINT; then streams get `shutdown_grace_seconds` to finish."""
+    from aiohttp import web
+
+    from proxy.server.app import ProxyRunner
+
+    # aiohttp waits this long for handlers before cancelling them; streams end in-band at the grace
+    # period, so a little more leaves them time to write their error.
+    runner = ProxyRunner(app, access_log=None, shutdown_timeout=server.shutdown_grace_seconds + 5.0)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        site = web.TCPSite(runner, server.host, server.port)
+        await site.start()
+        # Printed once it listens, so the banner never announces a port it could not take.
+        print(banner, flush=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"backtrack: configuration error:\n{exc.message}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"backtrack {args.command}: bad data: {exc.message}", file=sys.stderr)
         return 2
     return code
 

@@ -30,9 +30,31 @@ from proxy.core.selection import PolicySet, Rule, Tenant
 
 
 class ServerConfig(_Frozen):
+    """Where the proxy listens, and what one client may hold of it.
+
+    The timeouts bound clients that hold connections without making progress (slowloris, a client that
+    stops reading); the stream caps bound an upstream that never stops. A stream cut by a cap or by the
+    shutdown ends with an in-band error in its dialect's format.
+    """
+
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # From a connection's first byte (or a kept-alive connection's next) to the end of the request head.
+    header_timeout_seconds: float = Field(10.0, gt=0)
+    # Reading the request body once its head is in.
+    body_timeout_seconds: float = Field(30.0, gt=0)
+    # An idle kept-alive connection is closed after this long (aiohttp's run_app default).
+    keepalive_timeout_seconds: float = Field(75.0, gt=0)
+    # A client whose reading stalls this long (writes paused, nothing drained) is dropped; its
+    # upstream request is closed.
+    write_timeout_seconds: float = Field(30.0, gt=0)
+    # One stream's upstream bytes, and its age; the same 64 MiB bounds a non-streamed upstream answer.
+    max_stream_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_stream_seconds: float = Field(3600.0, gt=0)
+    # After SIGTERM, streams get this long to finish, then end in-band. Below Kubernetes' default
+    # terminationGracePeriodSeconds of 30, so the in-band error goes out before a SIGKILL.
+    shutdown_grace_seconds: float = Field(25.0, ge=0)
 
 
 class UpstreamConfig(_Frozen):
@@ -57,7 +79,7 @@ class UpstreamConfig(_Frozen):
         return None
 
 
-class GuardConfig(_Frozen):
+class ScorerConfig(_Frozen):
     checkpoint: str | None = None  # None: the checkpoint bundled in guard/checkpoint
     base: str | None = None  # the base model folder; None: the one the checkpoint names
     max_batch_tokens: int = Field(2048, ge=1)
@@ -86,7 +108,7 @@ class ReloadConfig(_Frozen):
 class ConfigFile(_Frozen):
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
-    guard: GuardConfig = GuardConfig()
+    guard: ScorerConfig = ScorerConfig()
     policies: dict[str, str] = Field(default_factory=dict)
     default_policy: str = "default"
     tenants: list[Tenant] = Field(default_factory=list)
@@ -106,7 +128,7 @@ class Settings:
     file: ConfigFile  # the file as read, for a reload to tell what changed
     server: ServerConfig
     upstream: UpstreamConfig
-    guard: GuardConfig
+    guard: ScorerConfig
     policy_set: PolicySet
     redis_url: str | None
     admin: AdminConfig

@@ -146,14 +146,21 @@ class StreamEngine:
         self.attempt.received_chars += len(piece.text)
         return self._release()
 
-    def take_unscored(self) -> str:
-        """Text received but not yet given to the guard; marks it as given."""
+    def take_unscored(self, limit: int | None = None) -> str:
+        """Text received but not yet given to the guard (at most `limit` characters); marks it as given."""
         a = self.attempt
         if self.state is not State.STREAMING or a.sent_chars == a.received_chars:
             return ""
-        text = self._held_text()[a.sent_chars - a.released_chars :]
-        a.sent_chars = a.received_chars
+        start = a.sent_chars - a.released_chars
+        end = None if limit is None else start + limit
+        text = self._held_text()[start:end]
+        a.sent_chars += len(text)
         return text
+
+    @property
+    def all_sent(self) -> bool:
+        """Whether the guard has been given every character received."""
+        return self.attempt.sent_chars == self.attempt.received_chars
 
     def scoring_due(self) -> bool:
         """Whether `score_every_tokens` guard tokens wait to be scored."""

@@ -2,6 +2,7 @@
 
     BacktrackError            any failure Backtrack itself reports (500)
     ├── ConfigError           a config or policy file is invalid (at start or reload)
+    ├── DataError             a data file (JSONL in the shared schema) has a bad line: file, line, field
     ├── ClientError           the client's request is wrong (400)
     │   ├── PayloadTooLarge   the body is over the size limit (413)
     │   ├── Unauthorized      a missing or unknown proxy key or admin token (401)
@@ -10,10 +11,10 @@
     ├── UpstreamError         the upstream is unreachable, timed out or answered badly (502)
     │   └── UpstreamTimeout   the upstream did not answer in time (504)
     └── GuardError            the guard could not score in time or failed; the policy's fail mode applies
-        ├── GuardOverloaded   the scorer's queue is full
-        └── GuardTimeout      a verdict did not arrive in time
+        └── GuardOverloaded   the scorer's queue is full
 
-Handlers raise these; `proxy.server.app` translates them once into the client's API error format.
+(A verdict that does not arrive in time is the scorer call's own `TimeoutError`.)
+Handlers raise these; `proxy.server.handlers` translates them once into the client's API error format.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class BacktrackError(Exception):
 
 class ConfigError(BacktrackError):
     kind = "config_error"
+
+
+class DataError(BacktrackError):
+    kind = "data_error"
 
 
 class ClientError(BacktrackError):
@@ -77,7 +82,3 @@ class GuardError(BacktrackError):
 
 class GuardOverloaded(GuardError):
     status = 503
-
-
-class GuardTimeout(GuardError):
-    status = 504

@@ -139,7 +139,7 @@ class PolicySet:
 
 
 @dataclass(frozen=True)
-class Choice:
+class Selection:
     policy: Policy
     tenant: str | None  # the tenant's name; None for an anonymous request
     reason: str  # "header", "rule", "tenant" or "default": which step of the precedence chose
@@ -166,7 +166,9 @@ class Selector:
             raise Unauthorized("The API key is not one this proxy knows.")
         return tenant
 
-    def choose(self, tenant: Tenant | None, model: str, route: str, requested: str | None = None) -> Choice:
+    def choose(
+        self, tenant: Tenant | None, model: str, route: str, requested: str | None = None
+    ) -> Selection:
         """The policy for one request (see the module docstring for the precedence)."""
         ps = self.policy_set
         name, reason = self._configured(tenant, model, route)
@@ -177,7 +179,7 @@ class Selector:
             if requested not in allowed:
                 raise Forbidden(f"{POLICY_HEADER}: policy {requested!r} may not be chosen with this key.")
             name, reason = requested, "header"
-        return Choice(ps.policies[name], tenant.name if tenant is not None else None, reason)
+        return Selection(ps.policies[name], tenant.name if tenant is not None else None, reason)
 
     def _configured(self, tenant: Tenant | None, model: str, route: str) -> tuple[str, str]:
         rules = (*(tenant.rules if tenant is not None else ()), *self.policy_set.rules)

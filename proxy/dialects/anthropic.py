@@ -11,6 +11,11 @@ The client's block indices are the encoder's: a regenerated attempt starts its b
 client already has (the SDK appends blocks by position), and text the engine makes (a refusal) goes into
 the open text block, or a new one. A reset is an extra event, `event: backtrack_reset`, whose data is
 DESIGN.md's `backtrack` object plus `"type": "backtrack_reset"` (the SDK reads every event's `type`).
+
+Only events known to carry no answer text pass on unjudged (`message_start`, its content emptied, and
+`ping`); an event or delta type newer than this code is dropped, and data that is not an Anthropic event
+at all (an OpenAI chunk, a line that is not JSON) fails the stream, as does a body that ends before
+`message_stop`.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from proxy.dialects.base import (
     trailing_assistant,
     without_trailing_assistant,
 )
-from proxy.dialects.sse import SSEDecoder, encode_sse
+from proxy.dialects.lines import MAX_LINE_BYTES
+from proxy.dialects.sse import SSEDecoder, SSEEvent, TooLong, encode_sse
 
 MEDIA_TYPE = "text/event-stream"
 RESET_EVENT = "backtrack_reset"
@@ -51,6 +57,9 @@ ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error",
 }  # fmt: skip
+# The deltas of the blocks the proxy knows; only `text_delta` carries text the guard reads.
+DELTA_TYPES = {"text_delta", "thinking_delta", "signature_delta", "input_json_delta", "citations_delta"}
+INCOMPLETE = "upstream closed the stream before it finished"
 
 
 def stop_reason(reason: str | None) -> str | None:
@@ -98,8 +107,8 @@ class MessagesRequest:
         ]
         return body
 
-    def codec(self) -> AnthropicCodec:
-        return AnthropicCodec(self.model)
+    def codec(self, *, max_line_bytes: int = MAX_LINE_BYTES) -> AnthropicCodec:
+        return AnthropicCodec(self.model, max_line_bytes=max_line_bytes)
 
     def answer_choices(self, answer: Any) -> list[tuple[int, str, str | None]]:
         content = answer.get("content") if isinstance(answer, dict) else None
@@ -109,10 +118,10 @@ class MessagesRequest:
 
     def set_answer_choice(self, answer: JSON, index: int, text: str | None, reason: str | None) -> None:
         if text is not None:
-            # The answer was reset: its text blocks (and any tool call it made) are replaced by the
-            # guarded text; thinking stays, as the streamed path lets it through.
-            kept = [b for b in answer["content"] if b.get("type") in ("thinking", "redacted_thinking")]
-            answer["content"] = [*kept, {"type": "text", "text": text}] if text else kept
+            # The answer was reset: all of it (thinking, tool calls, citations) is the dropped answer's,
+            # and the guarded text is the whole answer now.
+            answer["content"] = [{"type": "text", "text": text}] if text else []
+            answer["stop_sequence"] = None
         answer["stop_reason"] = stop_reason(reason)
 
 
@@ -129,10 +138,12 @@ def parse_request(raw: bytes) -> MessagesRequest:
 
 
 class AnthropicCodec(Codec):
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self.media_type = MEDIA_TYPE
         self.model = model
-        self._sse = SSEDecoder()
+        self.max_line_bytes = max_line_bytes
+        self._sse = SSEDecoder(max_line_bytes=max_line_bytes)
+        self._over = False  # the attempt's message_stop or a failure came: nothing after it counts
         self.started = False  # the client has its message_start
         self.blocks: dict[int, int] = {}  # the attempt's block index -> the client's
         self.open: int | None = None  # the client's block that has a start and no stop yet
@@ -144,14 +155,32 @@ class AnthropicCodec(Codec):
     # -- decoding ------------------------------------------------------------------------------------
 
     def begin_attempt(self) -> None:
-        self._sse = SSEDecoder()
+        self._sse = SSEDecoder(max_line_bytes=self.max_line_bytes)
+        self._over = False
         self.blocks = {}
 
     def feed(self, data: bytes) -> list[Event]:
-        return [e for sse in self._sse.feed(data) for e in self._event(sse.data)]
+        return self._events(self._sse.feed(data))
 
     def flush(self) -> list[Event]:
-        return [e for sse in self._sse.flush() for e in self._event(sse.data)]
+        """End of the upstream's body: a message without its `message_stop` was cut short."""
+        out = self._events(self._sse.flush())
+        if not self._over:
+            self._over = True
+            out.append(UpstreamFailure(_error(INCOMPLETE)))
+        return out
+
+    def _events(self, sse_events: list[SSEEvent | TooLong]) -> list[Event]:
+        out: list[Event] = []
+        for sse in sse_events:
+            if self._over:
+                break
+            events = (
+                [UpstreamFailure(_error(sse.message))] if isinstance(sse, TooLong) else self._event(sse.data)
+            )
+            self._over = any(isinstance(e, UpstreamFailure | Done) for e in events)
+            out += events
+        return out
 
     def _event(self, data: str) -> list[Event]:
         try:
@@ -161,13 +190,17 @@ class AnthropicCodec(Codec):
         if not isinstance(event, dict):
             return [UpstreamFailure(_error("upstream sent an event that is not a JSON object"))]
         kind = event.get("type")
+        if not isinstance(kind, str):
+            return [UpstreamFailure(_error("upstream sent an event that is not an Anthropic event"))]
         if kind == "content_block_start":
             block = event.get("content_block")
             text = block.get("text") if isinstance(block, dict) and block.get("type") == "text" else ""
             return [ChoicePiece(0, Piece(text if isinstance(text, str) else "", event))]
         if kind == "content_block_delta":
             delta = event.get("delta")
-            text = delta.get("text") if isinstance(delta, dict) and delta.get("type") == "text_delta" else ""
+            if not isinstance(delta, dict) or delta.get("type") not in DELTA_TYPES:
+                return []  # newer than this code: it may carry text, and nothing judges it
+            text = delta.get("text") if delta.get("type") == "text_delta" else ""
             return [ChoicePiece(0, Piece(text if isinstance(text, str) else "", event))]
         if kind == "content_block_stop":
             return [ChoicePiece(0, Piece("", event))]
@@ -181,7 +214,14 @@ class AnthropicCodec(Codec):
         if kind == "error":
             error = event.get("error")
             return [UpstreamFailure(error if isinstance(error, dict) else _error(str(error)))]
-        return [Passthrough(event)]  # message_start, ping, and events newer than this code
+        if kind == "message_start":
+            message = event.get("message")
+            if isinstance(message, dict) and message.get("content"):
+                event = {**event, "message": {**message, "content": []}}  # its text would go unjudged
+            return [Passthrough(event)]
+        if kind == "ping":
+            return [Passthrough(event)]
+        return []  # an event newer than this code: it may carry text, and nothing judges it
 
     # -- encoding ------------------------------------------------------------------------------------
 

@@ -6,6 +6,11 @@ send upstream for a first try, a regeneration or an injected `[RESET]`), and giv
 streamed response: upstream bytes in, neutral `Event`s out; engine outputs in, the client's bytes out.
 Everything the proxy does not read rides along untouched in `Piece.extra`, `ChoiceFinish.choice` or
 `Passthrough.chunk`, so that the encoder can rebuild the upstream's own messages around released text.
+
+Two rules bound what rides along. A message the decoder does not know is never passed on unjudged: it
+is dropped, or fails the stream (`UpstreamFailure`) when the stream is not in the dialect at all. And an
+upstream body that ends before the dialect's terminator fails at `flush()`, so the relay ends the
+client's stream with an in-band error instead of passing a cut answer off as a whole one.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, Protocol
 
 from proxy.core.engine import Piece, ResetEvent
 from proxy.core.errors import ClientError
+from proxy.dialects.lines import MAX_LINE_BYTES
 
 JSON = dict[str, Any]
 
@@ -45,7 +51,7 @@ class UpstreamFailure:
 
 @dataclass(frozen=True, slots=True)
 class Passthrough:
-    chunk: JSON  # a message the proxy does not judge (a ping, an unknown chunk): sent on as it came
+    chunk: JSON  # a message known to carry no answer text (a ping, a message_start): sent on as it came
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,14 +131,18 @@ class DialectRequest(Protocol):
         """The request that hands `prefix` (ending in `[RESET]`) to the upstream as the start of its
         answer; None where the dialect has no prefill (the relay regenerates instead)."""
 
-    def codec(self) -> Codec: ...
+    def codec(self, *, max_line_bytes: int = MAX_LINE_BYTES) -> Codec:
+        """The codec of a streamed answer; a line of the upstream's stream over `max_line_bytes` fails it."""
 
     def answer_choices(self, answer: Any) -> list[tuple[int, str, str | None]]:
         """(index, text, finish reason) of each choice of a non-streamed answer. Raises ValueError
         when the answer is not one."""
 
     def set_answer_choice(self, answer: JSON, index: int, text: str | None, reason: str | None) -> None:
-        """Write the guarded text (None: unchanged) and the engine's finish reason into the answer."""
+        """Write the guarded text (None: unchanged) and the engine's finish reason into the answer.
+
+        A changed text replaces the choice's answer whole: every field that repeats or encodes the
+        upstream's text (logprobs, token context, other content blocks, tool calls) goes with it."""
 
 
 def message_text(content: Any, where: str = "content") -> str:

@@ -80,8 +80,12 @@ class LineSplitter:
             rest = rest[:-1]
         return [rest]
 
-    def _fail(self) -> TooLong:
+    def stop(self) -> None:
+        """Read nothing more: what is buffered is dropped and every later input ignored."""
         self.failed = True
         self._buffer = bytearray()
         self._scan = 0
+
+    def _fail(self) -> TooLong:
+        self.stop()
         return TooLong(self.max_line_bytes)

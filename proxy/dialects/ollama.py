@@ -8,8 +8,10 @@ An error is a line `{"error": "..."}`. One choice, index 0.
 A reset rides on an otherwise ordinary line with empty text, `"done": false` and DESIGN.md's `backtrack`
 object, so the official client (which builds a model from every line and ignores unknown keys) keeps
 reading. The final line waits until the end: after an early finish (a refusal) the upstream's counters
-still come, and the client gets one `done` line with them. When the answer was reset, generate's
-`context` is left out: it would encode the discarded text for the next request to continue.
+still come, and the client gets one `done` line with them: only the counters of the upstream's done
+line, whose text and what rode with it (thinking, tool calls, logprobs) travel before it as a piece.
+When the answer was reset or cut, generate's `context` is left out: it would encode the discarded text
+for the next request to continue. A body that ends before its `done` line was cut short and fails.
 """
 
 from __future__ import annotations
@@ -37,9 +39,13 @@ from proxy.dialects.base import (
     trailing_assistant,
     without_trailing_assistant,
 )
-from proxy.dialects.ndjson import BadLine, NDJSONDecoder, encode_line
+from proxy.dialects.lines import MAX_LINE_BYTES
+from proxy.dialects.ndjson import BadLine, Line, NDJSONDecoder, TooLong, encode_line
 
 MEDIA_TYPE = "application/x-ndjson"
+INCOMPLETE = "upstream closed the stream before it finished"
+# What a done line carries besides its counters: the answer's, which travels as a piece.
+ANSWER_FIELDS = ("message", "response", "thinking", "logprobs")
 
 
 def error_object(message: str, status: int = 500) -> JSON:
@@ -87,8 +93,8 @@ class OllamaRequest:
         ]
         return body
 
-    def codec(self) -> OllamaCodec:
-        return OllamaCodec(self.model, chat=self.chat)
+    def codec(self, *, max_line_bytes: int = MAX_LINE_BYTES) -> OllamaCodec:
+        return OllamaCodec(self.model, chat=self.chat, max_line_bytes=max_line_bytes)
 
     def answer_choices(self, answer: Any) -> list[tuple[int, str, str | None]]:
         if not isinstance(answer, dict) or "error" in answer:
@@ -101,8 +107,16 @@ class OllamaRequest:
 
     def set_answer_choice(self, answer: JSON, index: int, text: str | None, reason: str | None) -> None:
         if text is not None:
-            _set_text(answer, text, self.chat)
-            answer.pop("context", None)
+            # Everything else the answer carried is the dropped answer's: its thinking, tool calls,
+            # logprobs, and generate's `context` (its tokens, for the next request to continue).
+            for key in ("context", "thinking", "logprobs"):
+                answer.pop(key, None)
+            if self.chat:
+                message = answer.get("message")
+                role = message.get("role", "assistant") if isinstance(message, dict) else "assistant"
+                answer["message"] = {"role": role, "content": text}
+            else:
+                answer["response"] = text
         answer["done_reason"] = reason
 
 
@@ -150,10 +164,12 @@ def _carries_more(line: JSON, chat: bool) -> bool:
 
 
 class OllamaCodec(Codec):
-    def __init__(self, model: str, *, chat: bool) -> None:
+    def __init__(self, model: str, *, chat: bool, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self.media_type = MEDIA_TYPE
         self.chat = chat
-        self._lines = NDJSONDecoder()
+        self.max_line_bytes = max_line_bytes
+        self._lines = NDJSONDecoder(max_line_bytes=max_line_bytes)
+        self._over = False  # the attempt's done line or a failure came: nothing after it counts
         # The envelope of lines the proxy makes: the upstream's latest model and created_at.
         self.template: JSON = {"model": model}
         self.final: JSON | None = None  # the upstream's done line (its counters)
@@ -163,15 +179,33 @@ class OllamaCodec(Codec):
     # -- decoding ------------------------------------------------------------------------------------
 
     def begin_attempt(self) -> None:
-        self._lines = NDJSONDecoder()
+        self._lines = NDJSONDecoder(max_line_bytes=self.max_line_bytes)
+        self._over = False
 
     def feed(self, data: bytes) -> list[Event]:
-        return [e for line in self._lines.feed(data) for e in self._line(line)]
+        return self._events(self._lines.feed(data))
 
     def flush(self) -> list[Event]:
-        return [e for line in self._lines.flush() for e in self._line(line)]
+        """End of the upstream's body: an answer without its `done` line was cut short."""
+        out = self._events(self._lines.flush())
+        if not self._over:
+            self._over = True
+            out.append(UpstreamFailure({"message": INCOMPLETE}))
+        return out
 
-    def _line(self, line: Any) -> list[Event]:
+    def _events(self, lines: list[Line | BadLine | TooLong]) -> list[Event]:
+        out: list[Event] = []
+        for line in lines:
+            if self._over:
+                break
+            events = self._line(line)
+            self._over = any(isinstance(e, UpstreamFailure | Done) for e in events)
+            out += events
+        return out
+
+    def _line(self, line: Line | BadLine | TooLong) -> list[Event]:
+        if isinstance(line, TooLong):
+            return [UpstreamFailure({"message": line.message})]
         if isinstance(line, BadLine):
             return [UpstreamFailure({"message": f"upstream sent a malformed line: {line.text!r}"})]
         value = line.value
@@ -186,11 +220,10 @@ class OllamaCodec(Codec):
             if text or _carries_more(value, self.chat):
                 out.append(ChoicePiece(0, Piece(text, value)))
             return out
-        if text:
-            rest = copy.deepcopy(value)
-            _set_text(rest, text, self.chat)
+        if text or _carries_more(value, self.chat):
+            rest = {k: v for k, v in value.items() if k not in ("done_reason", "context")}
             out.append(ChoicePiece(0, Piece(text, {**rest, "done": False})))
-        self.final = value
+        self.final = {k: v for k, v in value.items() if k not in ANSWER_FIELDS}
         reason = value.get("done_reason")
         return [*out, ChoiceFinish(0, reason if isinstance(reason, str) else None, value), Done()]
 
@@ -198,6 +231,8 @@ class OllamaCodec(Codec):
 
     def piece(self, index: int, piece: Piece) -> bytes:
         line = copy.deepcopy(piece.extra) if isinstance(piece.extra, dict) else self._empty()
+        if line.get("logprobs") is not None and piece.text != (_text(line, self.chat) or ""):
+            line.pop("logprobs")  # cut by a reset: they describe text the guard dropped
         _set_text(line, piece.text, self.chat)
         return encode_line(line)
 
@@ -219,8 +254,9 @@ class OllamaCodec(Codec):
         line = dict(self.final) if self.final is not None else {**self.template}
         _set_text(line, "", self.chat)
         line["done"] = True
-        line["done_reason"] = self.reason if self.reason is not None else line.get("done_reason")
-        if self.was_reset:
+        upstream_reason = line.get("done_reason")
+        line["done_reason"] = self.reason if self.reason is not None else upstream_reason
+        if self.was_reset or line["done_reason"] != upstream_reason:
             line.pop("context", None)
         return encode_line(line)
 

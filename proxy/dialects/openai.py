@@ -2,7 +2,9 @@
 
 `OpenAIDecoder.feed(bytes)` turns an upstream SSE stream into events: a `Piece` per choice per chunk
 (text plus everything else the choice carried, untouched), `ChoiceFinish`, `Usage`, `UpstreamFailure`,
-`Passthrough` for chunks it does not understand, and `Done`. `OpenAIEncoder` turns the engine's outputs
+and `Done`. A chunk that is not a completion chunk (another dialect's event, a line that is not JSON) fails
+the stream: what it carries cannot be judged, so none of it may reach the client. So does an upstream
+that closes before `[DONE]` while a choice is unfinished: a cut answer must not pass for a whole one. `OpenAIEncoder` turns the engine's outputs
 back into chunks that look like the upstream's own: same id, model, created and unknown top-level fields.
 
 Chat chunks carry text in `choices[i].delta.content`; completions chunks in `choices[i].text`.
@@ -34,7 +36,8 @@ from proxy.dialects.base import (
     trailing_assistant,
     without_trailing_assistant,
 )
-from proxy.dialects.sse import SSEDecoder, encode_sse
+from proxy.dialects.lines import MAX_LINE_BYTES
+from proxy.dialects.sse import SSEDecoder, SSEEvent, TooLong, encode_sse
 
 # The neutral events are re-exported: they were born here, and callers import them from here.
 __all__ = [
@@ -45,21 +48,35 @@ __all__ = [
 
 
 class OpenAIDecoder:
-    def __init__(self, *, chat: bool = True) -> None:
+    def __init__(self, *, chat: bool = True, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self.chat = chat
         self.template: JSON = {}
-        self._sse = SSEDecoder()
+        self._sse = SSEDecoder(max_line_bytes=max_line_bytes)
+        self._open: set[int] = set()  # choices seen without their finish_reason yet
+        self._finished = False  # a finish_reason came: with every choice finished, the answer is whole
+        self._over = False  # [DONE] or a failure came: nothing after it counts
 
     def feed(self, data: bytes) -> list[Event]:
         return self._events(self._sse.feed(data))
 
     def flush(self) -> list[Event]:
-        return self._events(self._sse.flush())
+        """End of the upstream's body: an answer cut short (no `[DONE]`, a choice unfinished) fails."""
+        out = self._events(self._sse.flush())
+        if not self._over and (self._open or not self._finished):
+            self._over = True
+            out.append(UpstreamFailure(_error(INCOMPLETE)))
+        return out
 
-    def _events(self, sse_events: list[Any]) -> list[Event]:
+    def _events(self, sse_events: list[SSEEvent | TooLong]) -> list[Event]:
         out: list[Event] = []
         for sse in sse_events:
-            out += self._chunk(sse.data)
+            if self._over:
+                break
+            events = (
+                [UpstreamFailure(_error(sse.message))] if isinstance(sse, TooLong) else self._chunk(sse.data)
+            )
+            self._over = any(isinstance(e, UpstreamFailure | Done) for e in events)
+            out += events
         return out
 
     def _chunk(self, data: str) -> list[Event]:
@@ -76,7 +93,9 @@ class OpenAIDecoder:
             return [UpstreamFailure(err if isinstance(err, dict) else _error(str(err)))]
         choices = chunk.get("choices")
         if not isinstance(choices, list):
-            return [Passthrough(chunk)]
+            if isinstance(chunk.get("usage"), dict) and "type" not in chunk:
+                return [Usage(chunk)]
+            return [UpstreamFailure(_error("upstream sent an event that is not a completion chunk"))]
         self.template = {k: v for k, v in chunk.items() if k not in ("choices", "usage")}
         out: list[Event] = []
         for choice in choices:
@@ -102,7 +121,10 @@ class OpenAIDecoder:
         if text or _carries_more(rest, self.chat):
             out.append(ChoicePiece(index, Piece(text, rest)))
         reason = choice.get("finish_reason")
+        self._open.add(index)
         if reason is not None:
+            self._open.discard(index)
+            self._finished = True
             tail = {k: v for k, v in rest.items() if k not in ("delta", "text", "logprobs")}
             out.append(ChoiceFinish(index, reason, tail))
         return out
@@ -125,6 +147,9 @@ def _carries_more(choice: JSON, chat: bool) -> bool:
     return bool(choice.get("logprobs"))
 
 
+INCOMPLETE = "upstream closed the stream before it finished"
+
+
 def _error(message: str, kind: str = "upstream_error") -> JSON:
     return {"message": message, "type": kind, "param": None, "code": None}
 
@@ -138,6 +163,9 @@ class OpenAIEncoder:
     def piece(self, template: JSON, index: int, piece: Piece) -> bytes:
         choice = copy.copy(piece.extra) if isinstance(piece.extra, dict) else {"index": index}
         choice["index"] = index
+        if choice.get("logprobs") is not None and piece.text != _get_text(choice, self.chat):
+            # Cut by a reset: the upstream's logprobs describe text the guard dropped.
+            choice["logprobs"] = None
         if self.chat:
             delta = choice.get("delta")
             delta = dict(delta) if isinstance(delta, dict) else {}
@@ -199,11 +227,16 @@ def response_text(choice: JSON, chat: bool) -> str:
 
 
 def set_response_text(choice: JSON, text: str, chat: bool) -> None:
+    """Replace a choice's answer with `text`, and with it every field derived from the answer it had
+    (logprobs of its tokens, tool calls, a refusal, audio, reasoning): none may outlive the text."""
     if chat:
-        message = choice.setdefault("message", {"role": "assistant"})
-        message["content"] = text
+        message = choice.get("message")
+        role = message.get("role", "assistant") if isinstance(message, dict) else "assistant"
+        choice["message"] = {"role": role, "content": text}
     else:
         choice["text"] = text
+    if "logprobs" in choice:
+        choice["logprobs"] = None
 
 
 @dataclass(frozen=True)
@@ -255,8 +288,8 @@ class OpenAIRequest:
         ]
         return body
 
-    def codec(self) -> OpenAICodec:
-        return OpenAICodec(chat=self.chat)
+    def codec(self, *, max_line_bytes: int = MAX_LINE_BYTES) -> OpenAICodec:
+        return OpenAICodec(chat=self.chat, max_line_bytes=max_line_bytes)
 
     def answer_choices(self, answer: Any) -> list[tuple[int, str, str | None]]:
         choices = answer.get("choices") if isinstance(answer, dict) else None
@@ -297,17 +330,18 @@ class OpenAICodec(Codec):
     system_fingerprint, unknown fields) but keep the first attempt's id and created: a regenerated
     answer is still the one response."""
 
-    def __init__(self, *, chat: bool) -> None:
+    def __init__(self, *, chat: bool, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         self.media_type = "text/event-stream"
         self.chat = chat
+        self.max_line_bytes = max_line_bytes
         self.encoder = OpenAIEncoder(chat=chat)
-        self.decoder = OpenAIDecoder(chat=chat)
+        self.decoder = OpenAIDecoder(chat=chat, max_line_bytes=max_line_bytes)
         self.identity: JSON = {}
         self.template: JSON = {}
         self.role_sent: set[int] = set()  # choices whose role the client has; a regeneration repeats it
 
     def begin_attempt(self) -> None:
-        self.decoder = OpenAIDecoder(chat=self.chat)
+        self.decoder = OpenAIDecoder(chat=self.chat, max_line_bytes=self.max_line_bytes)
 
     def feed(self, data: bytes) -> list[Event]:
         return self._envelope(self.decoder.feed(data))

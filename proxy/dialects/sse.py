@@ -50,13 +50,11 @@ class SSEDecoder:
     def _decode(self, lines: list[bytes | TooLong]) -> list[SSEEvent | TooLong]:
         events: list[SSEEvent | TooLong] = []
         for line in lines:
-            if isinstance(line, TooLong):
-                self._data, self._size = [], 0
-                return [*events, line]
-            event = self._line(line.decode("utf-8", errors="replace"))
-            if isinstance(event, SSEEvent | TooLong):
+            event = line if isinstance(line, TooLong) else self._line(line.decode("utf-8", errors="replace"))
+            if event is not None:
                 events.append(event)
             if isinstance(event, TooLong):
+                self._data, self._size = [], 0
                 break
         return events
 
@@ -76,8 +74,7 @@ class SSEDecoder:
             self._data.append(value)
             self._size += len(value) + 1
             if self._size > self._lines.max_line_bytes:
-                self._lines.failed = True  # nothing more is read: the event cannot be finished
-                self._data, self._size = [], 0
+                self._lines.stop()  # nothing more is read: the event cannot be finished
                 return TooLong(self._lines.max_line_bytes, "event")
         elif name == "event":
             self._event = value

@@ -26,12 +26,15 @@ from proxy.core.policy import Policy
 from proxy.dialects.routes import ROUTES
 from proxy.server import admin, handlers
 from proxy.server.keys import METRICS, POLICIES, SETTINGS, SHARED, UPSTREAM
+from proxy.server.limits import SHUTDOWN, ProxyRunner, Shutdown
 from proxy.server.reload import watch_ctx
 from proxy.server.upstream import Upstream, client_timeout
 from proxy.state.metrics import Metrics, StoreMetrics
 from proxy.state.policies import PolicyRegistry
 from proxy.state.shared import CLOSE_FLUSH_TIMEOUT, Shared
 from proxy.state.store import open_store
+
+__all__ = ["ProxyRunner", "create_app"]
 
 log = logging.getLogger("backtrack")
 
@@ -45,6 +48,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
+    app[METRICS].init_routes(ROUTES)
+    app[SHUTDOWN] = Shutdown()
+    app.on_shutdown.append(begin_shutdown)
     # Shared state after the policies (it follows their reloads), before the file watcher.
     shared = functools.partial(shared_ctx, settings, app[METRICS])
     app.cleanup_ctx.extend([upstream_ctx, model_ctx, shared, watch_ctx])
@@ -118,11 +124,20 @@ async def model_ctx(app: web.Application) -> AsyncIterator[None]:
     app[POLICIES] = PolicyRegistry(
         settings, functools.partial(build_guard, scorer=scorer), app[METRICS], model_loaded=scorer is not None
     )
+    metrics = app[METRICS]
+    metrics.init_policies(settings.policies)
+    # Policies a reload adds get their series too.
+    app[POLICIES].listeners.append(lambda _, live, __: metrics.init_policies(live.policy_set.policies))
     try:
         yield
     finally:
         if scorer is not None:
             await scorer.stop()
+
+
+async def begin_shutdown(app: web.Application) -> None:
+    """The server stops: streams still running after the grace period end in-band (`StreamWatch`)."""
+    app[SHUTDOWN].begin(app[SETTINGS].server.shutdown_grace_seconds)
 
 
 async def close_metrics(app: web.Application) -> None:

@@ -24,6 +24,10 @@ from proxy.state.metrics import Metrics
 
 log = logging.getLogger("backtrack")
 
+# The most text the guard is given in one call (about 1,000 tokens): its timeout then bounds a call of
+# bounded size, whatever the size of the upstream's delta.
+FEED_CHARS = 4096
+
 
 @dataclass
 class Choice:
@@ -116,16 +120,21 @@ class GuardedResponse:
         while engine.state is State.STREAMING:
             if not final and not engine.scoring_due():
                 break
-            text = engine.take_unscored()
+            # At most FEED_CHARS at a time, each within the guard's timeout: sending more text at once
+            # must not be a way to push the guard past its deadline (and, failing open, past the guard).
+            text = engine.take_unscored(None if run.unguarded else FEED_CHARS)
+            more = not engine.all_sent
             if run.unguarded:
                 self.metrics.fail_open.labels(self.labels.policy).inc()
                 step = engine.on_guard_failure()
             else:
-                step = await self._verdict(run, text, final)
+                step = await self._verdict(run, text, final and not more)
             out += step
             self._observe(step)
             if any(isinstance(o, ResetEvent) and o.action is Action.CONTINUE for o in step):
                 self._restart_guard(run)  # the continuation is a new response: read it afresh
+                continue
+            if more:
                 continue
             if not final or engine.fully_scored:
                 break

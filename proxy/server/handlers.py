@@ -11,16 +11,19 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.core.errors import BacktrackError, ClientError, PayloadTooLarge, TooManyRequests, UpstreamError
 from proxy.core.selection import forwarded_headers
 from proxy.dialects import routes
-from proxy.dialects.base import JSON
+from proxy.dialects.base import JSON, DialectRequest
 from proxy.dialects.routes import Route
 from proxy.server.choice import GuardedResponse, Labels
 from proxy.server.keys import METRICS, POLICIES, SETTINGS, SHARED, UPSTREAM
+from proxy.server.limits import SHUTDOWN, ClientGone, StreamWatch
 from proxy.server.relay import Relay
 from proxy.server.upstream import read_body
 from proxy.state.audit import RequestInfo
@@ -58,7 +61,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         error = ClientError(f"{exc.reason}: {request.method} {request.path}", status=exc.status)
         return error_response(error, request.path)
-    except (ConnectionResetError, asyncio.CancelledError):
+    except (ConnectionError, asyncio.CancelledError):
         raise
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
@@ -70,7 +73,7 @@ async def relay(request: web.Request, route: Route) -> web.StreamResponse:
     app = request.app
     live = app[POLICIES].live  # read once: a reload mid-stream does not change this request's policy
     tenant = live.authenticate(request.headers)
-    req = route.parse(await read_request(request))
+    req = parse_request(route, await read_request(request))
     policy, guard = live.choose(tenant, req.model, request.path, request.headers)
     shared = app[SHARED]
     policy, guard = await shared.escalate(live, tenant, policy, guard)  # the tenant's strikes
@@ -87,11 +90,15 @@ async def relay(request: web.Request, route: Route) -> web.StreamResponse:
     active.inc()
     try:
         if req.stream:
-            return await relay.stream(request)
+            watch = StreamWatch(request, app[SETTINGS].server, app[SHUTDOWN])
+            return await relay.stream(request, watch)
         return await relay.complete()
-    except ConnectionResetError:
-        log.info("client went away mid-stream on %s; upstream request closed", path)
-        return web.Response(status=499)
+    except ConnectionError as exc:
+        # The upstream request is closed already (its block exited); nothing more is written.
+        reason = exc.reason if isinstance(exc, ClientGone) else "left"
+        metrics.client_disconnects.labels(path, reason).inc()
+        log.info("client went away mid-stream on %s (%s); upstream request closed", path, reason)
+        return relay.response or web.Response(status=499)
     except BacktrackError as exc:
         if exc.kind == "upstream_error":
             metrics.upstream_errors.labels(path, type(exc).__name__).inc()
@@ -101,14 +108,30 @@ async def relay(request: web.Request, route: Route) -> web.StreamResponse:
         guarded.close()
 
 
+def parse_request(route: Route, raw: bytes) -> DialectRequest:
+    try:
+        return route.parse(raw)
+    except RecursionError:  # json's decoder gives up on deep nesting this way
+        raise ClientError("The request body is nested too deeply.") from None
+
+
 async def read_request(request: web.Request) -> bytes:
-    limit = request.app[SETTINGS].server.max_body_bytes
+    server = request.app[SETTINGS].server
+    limit = server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
     try:
-        return await request.read()
+        async with asyncio.timeout(server.body_timeout_seconds):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes.") from None
+    except TimeoutError:
+        raise ClientError(
+            f"The request body did not arrive within {server.body_timeout_seconds:g} s.", status=408
+        ) from None
+    except (HttpProcessingError, aiohttp.ClientPayloadError):
+        # A broken Content-Encoding or chunking; the parser's message may quote the body: not repeated.
+        raise ClientError("The request body could not be read (bad encoding or framing).") from None
 
 
 async def models(request: web.Request) -> web.Response:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from aiohttp import ClientResponse, web
 
+from proxy.core.config import ServerConfig
 from proxy.core.engine import Finish, Output, Piece, Regenerate, Release, ResetEvent, State
 from proxy.core.errors import BacktrackError, UpstreamError
 from proxy.core.policy import Action
@@ -46,6 +47,7 @@ from proxy.dialects.base import (
     reset_object,
 )
 from proxy.server.choice import Choice, GuardedResponse
+from proxy.server.limits import ClientGone, StreamCut, StreamWatch
 from proxy.server.upstream import Upstream, read_body, read_chunks
 
 log = logging.getLogger("backtrack")
@@ -220,21 +222,28 @@ class Relay:
 
     # -- streaming -----------------------------------------------------------------------------------
 
-    async def stream(self, request: web.Request) -> web.StreamResponse:
+    async def stream(self, request: web.Request, watch: StreamWatch | None = None) -> web.StreamResponse:
+        """Stream the guarded response; `watch` (default: the server's limits) ends it early when the
+        client leaves or stalls (`ClientGone`), or with an in-band error at a limit or the shutdown."""
+        self.watch = watch or StreamWatch(request, ServerConfig())
         try:
-            return await self._stream(request)
-        except ConnectionResetError:
-            raise
+            return await self.watch.run(self._stream(request))
+        except ConnectionError as exc:
+            # Gone (a reset, "Connection lost", or dropped for not reading): nothing more is written.
+            raise exc if isinstance(exc, ClientGone) else ClientGone("left") from None
         except Exception as exc:
             if self.response is None:
                 raise  # no headers yet: the server answers with an error response
             # An error response now would land inside the stream: end it in-band instead.
             if isinstance(exc, BacktrackError):
                 message, kind = exc.message, exc.kind
+                if isinstance(exc, StreamCut):
+                    log.info("stream on %s cut: %s", self.path, exc.message)
             else:
                 log.exception("error mid-stream on %s", self.path)
                 message, kind = "internal error in the proxy", "server_error"
-            await self.response.write(self._abandon(message, kind))
+            if not self.ended:
+                await self.watch.write(self.response, self._abandon(message, kind))
             return self.response
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
@@ -277,9 +286,10 @@ class Relay:
         self.codec.begin_attempt()
         self.upstream_done = False
         async for data in read_chunks(up):
-            # While text is held back nothing is written, and only a write notices a gone client.
-            if request.transport is None or request.transport.is_closing():
-                raise ConnectionResetError("the client went away")
+            # While text is held back nothing is written, and only a write notices a gone client (the
+            # watch also looks while the upstream is silent).
+            self.watch.count(data)
+            self.watch.check()
             await response.write(await self._handle(self.codec.feed(data), sink))
             if self.upstream_done or self._waits_for_another():
                 return

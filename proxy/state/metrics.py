@@ -13,6 +13,7 @@ The directory must be emptied before the workers start.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -21,6 +22,12 @@ MAX_MODELS = 32
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RELOAD_RESULTS = ("ok", "error")
 AUDIT_RESULTS = ("written", "duplicate", "dropped")
+# The kinds each error counter is labelled with (see `proxy.server.relay` and `proxy.server.choice`):
+# every series exists at 0 from the start, so a dashboard reads 0 rather than "no data".
+UPSTREAM_ERROR_KINDS = ("UpstreamError", "UpstreamTimeout", "InBandError")
+GUARD_FAILURE_KINDS = ("timeout", "GuardError", "GuardOverloaded", "GuardTimeout", "error")
+FAIL_MODES = ("open", "closed")
+DISCONNECT_REASONS = ("left", "stalled")  # left mid-stream; dropped for not reading
 
 # Buckets fitted to each quantity, so that p50 and p99 fall between two bounds that mean something.
 # Reset positions are guard tokens into the attempt: early ones mean the prompt was the problem, late
@@ -90,7 +97,26 @@ class Metrics:
             "backtrack_active_streams", "Responses in flight", ["route"],
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        self.client_disconnects = Counter(
+            "backtrack_client_disconnects_total", "Streams whose client left, or was dropped for not "
+            "reading; their upstream requests are closed", ["route", "reason"], registry=r,
+        )  # fmt: skip
         self._models: set[str] = set()
+
+    def init_routes(self, routes: Iterable[str]) -> None:
+        """Create every route's error series at 0."""
+        for route in routes:
+            for kind in UPSTREAM_ERROR_KINDS:
+                self.upstream_errors.labels(route, kind)
+            for reason in DISCONNECT_REASONS:
+                self.client_disconnects.labels(route, reason)
+
+    def init_policies(self, policies: Iterable[str]) -> None:
+        """Create every policy's guard-failure series at 0 (both fail modes: a reload may change it)."""
+        for policy in policies:
+            for kind in GUARD_FAILURE_KINDS:
+                for mode in FAIL_MODES:
+                    self.guard_failures.labels(policy, kind, mode)
 
     def model_label(self, model: str) -> str:
         if model in self._models:

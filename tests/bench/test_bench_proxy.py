@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.proxy import BENCH_RESPONSE_TOKENS, bench_row, percentile
+from bench.load import BENCH_RESPONSE_TOKENS, bench_row
+from bench.measure import percentile
 from proxy.cli.main import main
 from proxy.core.tokens import ApproxTokenizer
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.suite import (
+from bench.litellm_peer import (
     DEFAULT_LITELLM_VENV,
     litellm_config,
     litellm_guard_installed,
     litellm_installed,
-    sustained,
 )
+from bench.suite_summary import sustained
 from proxy.cli.main import main
 
 WORDS = "bed holds red white blue yellow purple tulips roses irises daffodils asters describe the garden"

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +13,7 @@ import aiohttp
 
 from tests.harness import BENIGN, Harness, serving
 from tests.support import REPO, free_port
+
 
 def backtrack(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """Run a `backtrack` command that is expected to end by itself."""

@@ -10,8 +10,9 @@ import yaml
 from proxy.core.config import load_settings
 from proxy.core.errors import ConfigError
 from proxy.core.policy import Action
+from tests.support import REPO
 
-REPO_CONFIG = Path(__file__).resolve().parents[2] / "config.yaml"
+REPO_CONFIG = REPO / "config.yaml"
 
 
 def write(path: Path, data: object) -> Path:

@@ -15,8 +15,8 @@ from proxy.core.config import load_settings
 from proxy.core.errors import ConfigError
 from proxy.core.policy import Action, Policy
 from proxy.core.selection import hash_key
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DIGEST = hash_key("sk-acme")
 
 

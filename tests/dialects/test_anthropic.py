@@ -79,9 +79,10 @@ def test_only_text_deltas_carry_text_and_every_block_event_rides_in_order():
 
 def test_upstream_errors_and_malformed_events():
     wire = sse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
-    events = feed_all(lambda: AnthropicCodec("m"), [wire + b"event: x\ndata: {oops\n\n"])
-    assert events[0] == UpstreamFailure({"type": "overloaded_error", "message": "Overloaded"})
-    assert isinstance(events[1], UpstreamFailure) and "malformed" in events[1].error["message"]
+    events = feed_all(lambda: AnthropicCodec("m"), [wire])
+    assert events == [UpstreamFailure({"type": "overloaded_error", "message": "Overloaded"})]
+    (event,) = feed_all(lambda: AnthropicCodec("m"), [b"event: x\ndata: {oops\n\n"])
+    assert isinstance(event, UpstreamFailure) and "malformed" in event.error["message"]
 
 
 def decode(wire: bytes) -> list[tuple[str, dict]]:
@@ -238,7 +239,7 @@ def test_bad_requests_are_client_errors(body: bytes):
         parse_request(body)
 
 
-def test_a_non_streamed_answer_reset_keeps_thinking_and_drops_the_rest():
+def test_a_non_streamed_answer_reset_drops_every_block_of_the_answer():
     req = parse_request(json.dumps(REQUEST).encode())
     answer = {
         **MESSAGE,
@@ -251,5 +252,5 @@ def test_a_non_streamed_answer_reset_keeps_thinking_and_drops_the_rest():
     }
     assert req.answer_choices(answer) == [(0, "bad", "tool_use")]
     req.set_answer_choice(answer, 0, "", "content_filter")
-    assert answer["content"] == [{"type": "thinking", "thinking": "t"}]
+    assert answer["content"] == []
     assert answer["stop_reason"] == "refusal"

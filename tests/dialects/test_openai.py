@@ -33,7 +33,6 @@ TRANSCRIPT = (
     + chunk([{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "t1"}]}, "finish_reason": None}])
     + chunk([{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": 42}])
     + chunk([], usage={"prompt_tokens": 3, "completion_tokens": 2})
-    + b'data: {"object": "something.else"}\n\n'
     + DONE
 )
 
@@ -42,7 +41,7 @@ def test_decoder_events_are_the_same_at_every_split():
     expected = feed_all(OpenAIDecoder, [TRANSCRIPT])
     kinds = [type(e).__name__ for e in expected]
     assert kinds == ["ChoicePiece", "ChoicePiece", "ChoicePiece", "ChoicePiece", "ChoiceFinish", "Usage",
-                     "Passthrough", "Done"]  # fmt: skip
+                     "Done"]  # fmt: skip
     for parts in splits(TRANSCRIPT):
         assert feed_all(OpenAIDecoder, parts) == expected
 
@@ -58,17 +57,16 @@ def test_decoder_keeps_everything_but_the_text_untouched():
     assert tool.piece.extra["delta"]["tool_calls"] == [{"index": 0, "id": "t1"}]
     assert events[4] == ChoiceFinish(0, "stop", {"index": 0, "stop_reason": 42})
     assert isinstance(events[5], Usage) and events[5].chunk["usage"]["completion_tokens"] == 2
-    assert events[6] == Passthrough({"object": "something.else"})
-    assert events[7] == Done()
+    assert events[6] == Done()
 
 
 def test_decoder_reports_upstream_errors_and_malformed_events():
     events = feed_all(
-        OpenAIDecoder,
-        [b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\ndata: {not json\n\n'],
+        OpenAIDecoder, [b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n']
     )
-    assert events[0] == UpstreamFailure({"message": "overloaded", "type": "server_error"})
-    assert isinstance(events[1], UpstreamFailure) and "malformed" in events[1].error["message"]
+    assert events == [UpstreamFailure({"message": "overloaded", "type": "server_error"})]
+    (event,) = feed_all(OpenAIDecoder, [b"data: {not json\n\n"])
+    assert isinstance(event, UpstreamFailure) and "malformed" in event.error["message"]
 
 
 def test_completions_text_lives_in_choices_text():
@@ -78,7 +76,7 @@ def test_completions_text_lives_in_choices_text():
         + json.dumps({"id": "x", "object": "text_completion", "choices": [choice]}).encode()
         + b"\n\n"
     )
-    (event,) = feed_all(lambda: OpenAIDecoder(chat=False), [wire])
+    (event,) = OpenAIDecoder(chat=False).feed(wire)
     assert isinstance(event, ChoicePiece) and event.piece.text == "Hi"
 
 
@@ -92,9 +90,9 @@ def test_encoder_rebuilds_the_upstream_chunk_with_new_text():
     events = decoder.feed(TRANSCRIPT)
     text = events[1]
     assert isinstance(text, ChoicePiece)
-    rebuilt = decode_chunk(OpenAIEncoder().piece(decoder.template, 0, Piece("Hi", text.piece.extra)))
+    rebuilt = decode_chunk(OpenAIEncoder().piece(decoder.template, 0, Piece("Hé", text.piece.extra)))
     assert rebuilt == {**ENVELOPE, "choices": [
-        {"index": 0, "delta": {"content": "Hi"}, "logprobs": {"content": [{"t": 1}]}, "finish_reason": None}
+        {"index": 0, "delta": {"content": "Hé"}, "logprobs": {"content": [{"t": 1}]}, "finish_reason": None}
     ]}  # fmt: skip
 
 
@@ -117,7 +115,7 @@ def test_finish_chunk_and_in_band_error():
 
 
 def test_a_choice_whose_delta_is_not_an_object_is_a_malformed_stream():
-    (event,) = feed_all(OpenAIDecoder, [chunk([{"index": 0, "delta": "text", "finish_reason": None}])])
+    (event,) = OpenAIDecoder().feed(chunk([{"index": 0, "delta": "text", "finish_reason": None}]))
     assert isinstance(event, UpstreamFailure) and "malformed choice" in event.error["message"]
 
 

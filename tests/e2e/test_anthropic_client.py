@@ -104,7 +104,9 @@ async def test_a_non_streamed_reset_answers_the_continuation_with_the_backtrack_
 async def test_refuse_and_truncate_on_a_pattern(harness: Harness) -> None:
     client, _, _ = await harness.proxy_client(harness.anthropic_client, policy(actions={"default": "refuse"}))
     refused = await stream_events(client, WORDY["prompt"])
-    cut_client, _, _ = await harness.proxy_client(harness.anthropic_client, policy(actions={"default": "truncate"}), [WORDY])
+    cut_client, _, _ = await harness.proxy_client(
+        harness.anthropic_client, policy(actions={"default": "truncate"}), [WORDY]
+    )
     cut = await stream_events(cut_client, WORDY["prompt"])
     whole = await cut_client.messages.create(model="claude", max_tokens=200, messages=ask(WORDY["prompt"]))
 
@@ -131,7 +133,9 @@ async def test_a_prefill_attack_is_reset_before_any_upstream_text_is_released(ha
 
 
 async def test_inject_asks_again_with_the_dropped_text_and_the_marker_as_prefill(harness: Harness) -> None:
-    client, _, upstream = await harness.proxy_client(harness.anthropic_client, policy(actions={"default": "inject"}))
+    client, _, upstream = await harness.proxy_client(
+        harness.anthropic_client, policy(actions={"default": "inject"})
+    )
 
     events = await stream_events(client, WORDY["prompt"])
 

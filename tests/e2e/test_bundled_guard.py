@@ -7,8 +7,6 @@ marker or a word rule) and replaced by the policy's message before its harmful p
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from guard.scorer import BUNDLED
@@ -16,8 +14,7 @@ from proxy.core.config import load_settings
 from proxy.server.app import create_app
 from proxy.state.metrics import Metrics
 from tests.harness import Harness
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO
 
 pytestmark = pytest.mark.skipif(
     not (BUNDLED / "guard.safetensors").exists(), reason="no bundled guard checkpoint in guard/checkpoint/"
@@ -39,7 +36,7 @@ HARMFUL = {
 
 
 async def test_the_default_policy_guards_with_the_bundled_model(harness: Harness) -> None:
-    settings = load_settings(ROOT / "config.yaml", upstream=await harness.replay([BENIGN, HARMFUL]), env={})
+    settings = load_settings(REPO / "config.yaml", upstream=await harness.replay([BENIGN, HARMFUL]), env={})
     default = settings.policy()
     assert default.detectors.model.enabled
     metrics = Metrics()

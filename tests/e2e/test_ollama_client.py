@@ -94,12 +94,16 @@ async def test_generate_resets_and_leaves_out_the_context_of_a_reset_answer(harn
 
 
 async def test_refuse_and_truncate_streamed_and_not(harness: Harness) -> None:
-    client, proxy, _ = await harness.proxy_client(harness.ollama_client, policy(actions={"default": "refuse"}), [WORDY])
+    client, proxy, _ = await harness.proxy_client(
+        harness.ollama_client, policy(actions={"default": "refuse"}), [WORDY]
+    )
     refused = await wire_lines(
         harness, f"{proxy}/api/chat", {"model": "llama", "messages": ask(WORDY["prompt"])}
     )
     whole = await client.chat(model="llama", messages=ask(WORDY["prompt"]))
-    cut_client, cut_proxy, _ = await harness.proxy_client(harness.ollama_client, policy(actions={"default": "truncate"}), [WORDY])
+    cut_client, cut_proxy, _ = await harness.proxy_client(
+        harness.ollama_client, policy(actions={"default": "truncate"}), [WORDY]
+    )
     cut = await wire_lines(
         harness, f"{cut_proxy}/api/chat", {"model": "llama", "messages": ask(WORDY["prompt"])}
     )

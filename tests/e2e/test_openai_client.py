@@ -168,7 +168,9 @@ async def test_truncate_non_streamed_answers_the_safe_prefix_with_content_filter
 
 
 async def test_regenerate_streamed_asks_again_with_the_safety_instruction(harness: Harness) -> None:
-    client, _, upstream = await harness.proxy_client(harness.client, policy(actions={"default": "regenerate"}))
+    client, _, upstream = await harness.proxy_client(
+        harness.client, policy(actions={"default": "regenerate"})
+    )
 
     chunks = await stream_chat(client, WORDY["prompt"])
 
@@ -189,7 +191,9 @@ async def test_regenerate_streamed_asks_again_with_the_safety_instruction(harnes
 
 
 async def test_regenerate_non_streamed_answers_the_second_safe_row(harness: Harness) -> None:
-    client, _, upstream = await harness.proxy_client(harness.client, policy(actions={"default": "regenerate"}))
+    client, _, upstream = await harness.proxy_client(
+        harness.client, policy(actions={"default": "regenerate"})
+    )
 
     completion = await ask_chat(client, WORDY["prompt"])
 
@@ -282,7 +286,9 @@ async def test_regenerate_non_streamed_refuses_once_max_resets_is_spent(harness:
 
 
 async def test_max_resets_0_refuses_without_asking_again(harness: Harness) -> None:
-    client, _, upstream = await harness.proxy_client(harness.client, policy(actions={"default": "regenerate"}, max_resets=0))
+    client, _, upstream = await harness.proxy_client(
+        harness.client, policy(actions={"default": "regenerate"}, max_resets=0)
+    )
 
     chunks = await stream_chat(client, WORDY["prompt"])
 
@@ -346,7 +352,9 @@ async def test_completions_reset_on_the_marker_streamed_and_not(harness: Harness
 
 
 async def test_completions_regenerate_puts_the_instruction_before_the_prompt(harness: Harness) -> None:
-    client, _, upstream = await harness.proxy_client(harness.client, policy(actions={"default": "regenerate"}))
+    client, _, upstream = await harness.proxy_client(
+        harness.client, policy(actions={"default": "regenerate"})
+    )
 
     stream = await client.completions.create(model="m", prompt=WORDY["prompt"], stream=True)
     chunks = [chunk async for chunk in stream]

@@ -14,11 +14,10 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,12 @@ from proxy.server.app import create_app
 from proxy.server.keys import POLICIES
 from proxy.state.metrics import Metrics
 from tests.fakes import AwaitedStream
+from tests.support import REPO, eventually, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
-PROMETHEUS_DIR = ROOT / "monitoring" / "prometheus"
+PROMETHEUS_DIR = REPO / "monitoring" / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
-DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "backtrack.json"
-COMPOSE = ROOT / "docker-compose.yml"
+DASHBOARD = REPO / "monitoring" / "grafana" / "dashboards" / "backtrack.json"
+COMPOSE = REPO / "docker-compose.yml"
 
 POLICY = "test"
 MODEL = "demo-model"
@@ -102,12 +101,12 @@ def test_compose_runs_the_proxy_redis_prometheus_and_grafana_with_the_dashboard_
 
     assert set(services) == {"proxy", "redis", "prometheus", "grafana"}
     assert services["proxy"]["build"] == "."
-    assert (ROOT / "Dockerfile").is_file()
+    assert (REPO / "Dockerfile").is_file()
     assert services["proxy"]["environment"]["BACKTRACK_REDIS_URL"] == "redis://redis:6379/0"
     assert "8080:8080" in services["proxy"]["ports"]
     # Every file mounted into a container is in the repository.
     mounts = {
-        container: ROOT / host
+        container: REPO / host
         for service in services.values()
         for host, container, *_ in (v.split(":") for v in service.get("volumes", []))
         if host.startswith("./")
@@ -281,13 +280,6 @@ async def send_traffic(client: openai.AsyncOpenAI) -> None:
     await asyncio.gather(*requests, *[upstream_refuses() for _ in range(3)])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def backfill(tsdb: Path, now: float) -> None:
     """Three hours of policy `test` until 20 minutes ago: 10 responses a minute, 1 % of them reset.
 
@@ -343,16 +335,6 @@ def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
                 process.wait()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 60) -> bool:
-    """Poll `check` twice a second until it holds (True) or `seconds` have passed (False)."""
-    deadline = time.monotonic() + seconds
-    while not await check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.5)
-    return True
-
-
 class PrometheusAPI:
     def __init__(self, session: aiohttp.ClientSession, root: str) -> None:
         self.session = session
@@ -392,12 +374,18 @@ async def monitored_proxy(tmp_path: Path) -> AsyncIterator[tuple[openai.AsyncOpe
 
 async def test_every_dashboard_and_alert_query_returns_the_series_it_names(tmp_path: Path) -> None:
     async with monitored_proxy(tmp_path) as (client, api):
-        assert await eventually(api.ready), (tmp_path / "prometheus.log").read_text()
+        log = tmp_path / "prometheus.log"
+        await eventually(
+            api.ready,
+            lambda: f"Prometheus to be ready; its log:\n{log.read_text()}",
+            seconds=60,
+            interval=0.5,
+        )
 
         async def target_up() -> bool:
             return [s["value"][1] for s in await api.query('up{job="backtrack"}')] == ["1"]
 
-        assert await eventually(target_up), "Prometheus never scraped the proxy"
+        await eventually(target_up, "Prometheus to scrape the proxy", seconds=60, interval=0.5)
         # Labelled series appear at their first use; a rate needs them to move between two scrapes. So:
         # traffic, a scrape that sees every series, then more traffic.
         await send_traffic(client)
@@ -405,7 +393,7 @@ async def test_every_dashboard_and_alert_query_returns_the_series_it_names(tmp_p
         async def scraped() -> bool:
             return bool(await api.query("backtrack_fail_open_total"))
 
-        assert await eventually(scraped), "no scrape after the first traffic"
+        await eventually(scraped, "a scrape after the first traffic", seconds=60, interval=0.5)
         await send_traffic(client)
 
         queries = dashboard_queries() + alert_queries()
@@ -416,13 +404,14 @@ async def test_every_dashboard_and_alert_query_returns_the_series_it_names(tmp_p
                 results[expr] = await api.query(expr)
             return all(results.values())
 
-        await eventually(all_answered, seconds=30)  # the assertions below name any query left empty
+        with suppress(AssertionError):  # the assertions below name any query left empty
+            await eventually(all_answered, "every query to answer", seconds=30, interval=0.5)
 
         async def fail_open_fires() -> bool:
             return bool(await api.query('ALERTS{alertname="BacktrackFailOpen", alertstate="firing"}'))
 
         # The one alert without a `for` fires at the first evaluation that sees the events.
-        assert await eventually(fail_open_fires, seconds=30), "the fail-open alert did not fire"
+        await eventually(fail_open_fires, "the fail-open alert to fire", seconds=30, interval=0.5)
         policies = await api.get("/api/v1/label/policy/values", **{"match[]": "backtrack_streams_total"})
         models = await api.get(
             "/api/v1/label/model/values", **{"match[]": f'backtrack_streams_total{{policy=~"{POLICY}"}}'}
@@ -447,7 +436,7 @@ async def test_every_dashboard_and_alert_query_returns_the_series_it_names(tmp_p
 
 
 def readme_metrics_section() -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     start = readme.index("## Metrics\n")
     return readme[start : readme.index("\n## ", start)]
 

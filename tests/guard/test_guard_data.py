@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
-from guard.data import IGNORE, Row, build_examples, make_example, onset_char, onset_targets, preface_end
+import pytest
+
+from guard.data import (
+    IGNORE,
+    Row,
+    build_examples,
+    make_example,
+    onset_char,
+    onset_targets,
+    preface_end,
+    read_rows,
+)  # fmt: skip
 from guard.tokenize import GuardTokenizer
+from proxy.cli.main import main
+from proxy.core.errors import DataError
 
 
 def test_preface_ends_after_its_first_sentence_or_line() -> None:
@@ -56,3 +70,39 @@ def test_build_examples_caps_files_and_drops_unlabelled_rows(tiny_base: Path) ->
     assert {e.source for e in examples} == {"b"}
     assert len(examples) == 6  # 3 rows, each also as a late window
     assert all(len(e.targets) <= 8 and set(e.targets) == {0} for e in examples)
+
+
+def test_a_row_without_source_takes_its_files_name(tmp_path: Path) -> None:
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"id": 1, "prompt": "p", "response": "r", "harmful": False}) + "\n")
+    (row,) = read_rows([path])
+    assert (row.source, row.file, row.id) == ("mine", "mine", "1")
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ('{"source": "s", "id": 1, "harmful": true}', "'response' is required"),
+        ('{"source": "s", "response": "r", "harmful": "yes"}', "'harmful' must be"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"response": ', "not a JSON line"),
+    ],
+)
+def test_a_bad_row_names_the_file_the_line_and_the_field(tmp_path: Path, line: str, says: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"response": "fine", "harmful": false}\n\n' + line + "\n")
+    with pytest.raises(DataError) as info:
+        read_rows([path])
+    assert f"{path}:3:" in info.value.message and says in info.value.message
+
+
+def test_tune_on_a_bad_file_exits_2_naming_it_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"source": "s", "id": 1, "harmful": true}\n')
+    policy = tmp_path / "p.yaml"
+    policy.write_text("logit_bias: -1.0\n", encoding="utf-8")
+    assert main(["tune", "--data", str(path), "--policy", str(policy), "--report", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:1: 'response' is required" in err and "Traceback" not in err

@@ -161,3 +161,22 @@ async def test_null_prompt_and_unstarted_scorer(tiny_checkpoint: Path) -> None:
     assert s.state.prompt_ids == [scorer.tokenizer.cls_id, scorer.tokenizer.sep_id]
     with pytest.raises(GuardError, match="not started"):
         await s.feed("cake recipe ")
+
+
+async def test_the_scorer_runs_in_the_models_own_dtype(tiny_checkpoint: Path) -> None:
+    """Nothing in the model or the cache is hard-wired to float32 (nor, by the same code, to the CPU):
+    in float64 the incremental scores still equal the full pass, and the caches are float64."""
+    s = load_scorer(tiny_checkpoint, max_batch_tokens=64, queue_size=8)
+    s.model.to(torch.float64)
+    await s.start()
+    try:
+        stream = s.guard(-1000.0, 0.5).open(PROMPT)
+        for i in range(0, len(RESPONSES[0]), 7):
+            await stream.feed(RESPONSES[0][i : i + 7])
+        await stream.feed("", final=True)
+        assert stream.state.kv is not None and stream.state.kv.dtype == torch.float64
+        expected = full_pass_logits(s, PROMPT, RESPONSES[0])
+        assert stream.state.logits == pytest.approx(expected, abs=1e-9)
+        stream.close()
+    finally:
+        await s.stop()

@@ -16,7 +16,7 @@ from guard.evaluate import Scored
 from guard.tune import BIASES, HOLDBACKS, THRESHOLDS, Point, choose, sweep, trace
 from proxy.cli.main import main
 from proxy.core.policy import Policy, load_policy
-from tests.guard.conftest import vocab_size, write_tokenizer
+from tests.guard.tokenizer import vocab_size, write_tokenizer
 
 
 @pytest.fixture(scope="module")

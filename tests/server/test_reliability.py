@@ -18,6 +18,7 @@ from aiohttp import web
 from proxy.dialects.openai import OpenAIEncoder
 from proxy.server.app import create_app
 from tests.harness import BENIGN, MARKED, POLICY, Harness, policy, replay_stats
+from tests.support import eventually
 
 LONG = {"prompt": "Count slowly.", "response": " ".join(str(i) for i in range(300))}
 CHAT = "/v1/chat/completions"
@@ -37,15 +38,6 @@ async def still_serves(client: openai.AsyncOpenAI) -> None:
         model="m", messages=[{"role": "user", "content": BENIGN["prompt"]}]
     )
     assert completion.choices[0].message.content == BENIGN["response"]
-
-
-async def poll(condition: Any, attempts: int = 100, interval: float = 0.05) -> bool:
-    """Await `condition()` until it is true, at most `attempts` times."""
-    for _ in range(attempts):
-        if await condition():
-            return True
-        await asyncio.sleep(interval)
-    return False
 
 
 # -- a client that leaves ----------------------------------------------------------------------------
@@ -78,7 +70,7 @@ async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_request(
     async def cancelled() -> bool:
         return (await replay_stats(upstream))["streams_cancelled"] == 1
 
-    assert await poll(cancelled)
+    await eventually(cancelled, "the upstream request to be cancelled", seconds=5)
     stats = await replay_stats(upstream)
     assert stats["streams_completed"] == 0
     await still_serves(await harness.client(proxy))
@@ -96,7 +88,7 @@ async def test_the_active_streams_gauge_returns_to_zero_after_a_client_leaves(ha
             text = await resp.text()
         return f'backtrack_active_streams{{route="{CHAT}"}} 0.0' in text
 
-    assert await poll(idle)
+    await eventually(idle, "the active streams gauge to return to 0", seconds=5)
 
 
 async def test_more_than_a_hundred_streams_at_once_all_reach_the_upstream(harness: Harness) -> None:

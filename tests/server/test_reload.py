@@ -6,17 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from proxy.core.config import load_settings
 from proxy.server.app import create_app
@@ -106,7 +102,9 @@ async def test_a_reload_mid_stream_leaves_streams_in_flight_on_their_policy_and_
 ) -> None:
     upstream = await harness.replay(ROWS, tokens_per_second=10)
     files = write_policies(
-        harness, test=policy(refusal_message="OLD refusal."), other=policy(refusal_message="OTHER refusal.")
+        harness.tmp_path,
+        test=policy(refusal_message="OLD refusal."),
+        other=policy(refusal_message="OTHER refusal."),
     )
     config = write_config(
         harness, upstream, policies=files, default_policy="test", anonymous_allowed_policies=["test"]

@@ -10,24 +10,30 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import redis.asyncio as aioredis
 import yaml
 
 from proxy.cli.main import main
-from proxy.core.config import load_settings
 from proxy.core.selection import hash_key
-from proxy.server.app import create_app
-from proxy.server.keys import SHARED
 from proxy.state.shared import Shared
 from tests.fleet import (
-    ADMIN, ADMIN_TOKEN, POLL_SECONDS, SAFE, TENANT_KEY, UNSAFE, UPSTREAM_KEY, WAIT_SECONDS, ask, replica,
+    ADMIN,
+    ADMIN_TOKEN,
+    POLL_SECONDS,
+    SAFE,
+    TENANT_KEY,
+    UNSAFE,
+    UPSTREAM_KEY,
+    WAIT_SECONDS,
+    ask,
+    replica,
     write_setup,
 )
 from tests.harness import BENIGN, WORDY, Harness, metric, policy
 from tests.redis_server import EXTERNAL, RedisServer, redis_server, redis_url, unique_prefix
 from tests.support import eventually
+
 
 async def drained(*replicas: Shared) -> None:
     """Wait until every replica's audit spool is written to the store."""
@@ -133,7 +139,9 @@ async def test_a_reload_on_one_replica_reaches_the_other_and_each_reports_it(
     async def b_reloaded() -> bool:
         return shared_b.policies.live.generation == 2
 
-    await eventually(b_reloaded, "replica B to follow A's reload", seconds=WAIT_SECONDS, interval=POLL_SECONDS)
+    await eventually(
+        b_reloaded, "replica B to follow A's reload", seconds=WAIT_SECONDS, interval=POLL_SECONDS
+    )
     assert "NEW." in (await ask(session, b, UNSAFE))[2]
     assert await metric(session, b, 'backtrack_fleet_reloads_total{result="ok"}') == 1
     assert await metric(session, a, 'backtrack_fleet_reloads_total{result="ok"}') == 0
@@ -143,7 +151,9 @@ async def test_a_reload_on_one_replica_reaches_the_other_and_each_reports_it(
             replicas = (await resp.json())["replicas"]
         return len(replicas) == 2 and all(r["generation"] == 2 for r in replicas.values())
 
-    await eventually(both_reported, "both replicas to report generation 2", seconds=WAIT_SECONDS, interval=POLL_SECONDS)
+    await eventually(
+        both_reported, "both replicas to report generation 2", seconds=WAIT_SECONDS, interval=POLL_SECONDS
+    )
     async with session.get(f"{a}/admin/reloads", headers=ADMIN) as resp:
         reports = (await resp.json())["replicas"]
     reasons = sorted(r["reason"] for r in reports.values())
@@ -258,17 +268,33 @@ async def test_after_redis_stops_and_restarts_mid_traffic_every_audit_event_is_t
 
     sender = asyncio.create_task(traffic())
     try:
-        await eventually(sent_at_least(6), "traffic before the outage", seconds=WAIT_SECONDS, interval=POLL_SECONDS)
+        await eventually(
+            sent_at_least(6), "traffic before the outage", seconds=WAIT_SECONDS, interval=POLL_SECONDS
+        )
         await asyncio.to_thread(server.stop)
-        await eventually(lambda: both(False), "both replicas to see Redis down", seconds=WAIT_SECONDS, interval=POLL_SECONDS)
+        await eventually(
+            lambda: both(False),
+            "both replicas to see Redis down",
+            seconds=WAIT_SECONDS,
+            interval=POLL_SECONDS,
+        )
         assert await metric(session, a, "backtrack_store_up") == 0
         during = len(sent)
-        await eventually(sent_at_least(during + 6), "traffic during the outage", seconds=WAIT_SECONDS, interval=POLL_SECONDS)
+        await eventually(
+            sent_at_least(during + 6),
+            "traffic during the outage",
+            seconds=WAIT_SECONDS,
+            interval=POLL_SECONDS,
+        )
         assert (await readyz(a))["spooled_events"] + (await readyz(b))["spooled_events"] > 0
         await asyncio.to_thread(server.start)
-        await eventually(lambda: both(True), "both replicas to see Redis back", seconds=WAIT_SECONDS, interval=POLL_SECONDS)
+        await eventually(
+            lambda: both(True), "both replicas to see Redis back", seconds=WAIT_SECONDS, interval=POLL_SECONDS
+        )
         after = len(sent)
-        await eventually(sent_at_least(after + 6), "traffic after the outage", seconds=WAIT_SECONDS, interval=POLL_SECONDS)
+        await eventually(
+            sent_at_least(after + 6), "traffic after the outage", seconds=WAIT_SECONDS, interval=POLL_SECONDS
+        )
     finally:
         stop.set()
         await sender
@@ -282,7 +308,12 @@ async def test_after_redis_stops_and_restarts_mid_traffic_every_audit_event_is_t
     async def b_reloaded() -> bool:
         return shared_b.policies.live.generation == 2
 
-    await eventually(b_reloaded, "replica B to follow A's reload after the outage", seconds=WAIT_SECONDS, interval=POLL_SECONDS)
+    await eventually(
+        b_reloaded,
+        "replica B to follow A's reload after the outage",
+        seconds=WAIT_SECONDS,
+        interval=POLL_SECONDS,
+    )
 
     rows = await export(capsys, config)
     assert sorted(r["request_id"] for r in rows) == sorted(sent)  # each request's reset, once
