@@ -1,7 +1,7 @@
 """A LiteLLM callback that reads every streamed answer with Backtrack's guard, for `backtrack bench all`.
 
 It runs inside LiteLLM's proxy, not Backtrack's: the bench copies this file next to a LiteLLM config
-that names `bench_litellm_guard.handler` among its callbacks, and starts LiteLLM with this repository on
+that names `litellm_guard.handler` among its callbacks, and starts LiteLLM with this repository on
 PYTHONPATH (for `guard` and `proxy`) and the guard's checkpoint, logit bias and threshold as JSON in
 `BACKTRACK_BENCH_GUARD`. LiteLLM's streaming iterator hook gives it each chunk: the chunk goes
 out once the guard has scored its text (Backtrack with `holdback_tokens: 0` does the same); a reset ends
@@ -19,7 +19,7 @@ from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger  # type: ignore[import-not-found]
 
-# `bench.suite.HOOK_SETTINGS_ENV`: this module runs where the bench's own imports may not.
+# `bench.litellm_peer.HOOK_SETTINGS_ENV`: this module runs where the bench's own imports may not.
 SETTINGS_ENV = "BACKTRACK_BENCH_GUARD"
 
 

@@ -21,10 +21,12 @@ TARGET_ROOFLINE = 0.30
 
 
 def rate_label(rate: float | None) -> str:
+    """How the tables name an upstream rate."""
     return f"{rate:g} tokens/s" if rate else "unthrottled"
 
 
 def model_name(rate: float | None) -> str:
+    """The model name LiteLLM serves a rate's replay-upstream under (and the plots' file names)."""
     return f"replay-{rate:g}tps" if rate else "replay-unthrottled"
 
 

@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
         "proxy.server",
         "guard",
         "bench",
-    },  # fmt: skip
+    },
     "guard": {"proxy.core"},
     "bench": {"proxy", "guard"},
 }

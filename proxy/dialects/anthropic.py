@@ -186,7 +186,8 @@ class AnthropicCodec(Codec):
         try:
             event = json.loads(data)
         except ValueError:
-            return [UpstreamFailure(_error(f"upstream sent a malformed event: {data[:80]!r}"))]
+            # Never quoted: the bytes are unjudged text, and an error message is text the client sees.
+            return [UpstreamFailure(_error("upstream sent a malformed event (not JSON)"))]
         if not isinstance(event, dict):
             return [UpstreamFailure(_error("upstream sent an event that is not a JSON object"))]
         kind = event.get("type")

@@ -207,7 +207,8 @@ class OllamaCodec(Codec):
         if isinstance(line, TooLong):
             return [UpstreamFailure({"message": line.message})]
         if isinstance(line, BadLine):
-            return [UpstreamFailure({"message": f"upstream sent a malformed line: {line.text!r}"})]
+            # Never quoted: the bytes are unjudged text, and an error message is text the client sees.
+            return [UpstreamFailure({"message": "upstream sent a malformed line (not JSON)"})]
         value = line.value
         if not isinstance(value, dict):
             return [UpstreamFailure({"message": "upstream sent a line that is not a JSON object"})]

@@ -1,11 +1,12 @@
 """OpenAI chat completions and completions, sans-IO.
 
 `OpenAIDecoder.feed(bytes)` turns an upstream SSE stream into events: a `Piece` per choice per chunk
-(text plus everything else the choice carried, untouched), `ChoiceFinish`, `Usage`, `UpstreamFailure`,
-and `Done`. A chunk that is not a completion chunk (another dialect's event, a line that is not JSON) fails
-the stream: what it carries cannot be judged, so none of it may reach the client. So does an upstream
-that closes before `[DONE]` while a choice is unfinished: a cut answer must not pass for a whole one. `OpenAIEncoder` turns the engine's outputs
-back into chunks that look like the upstream's own: same id, model, created and unknown top-level fields.
+(text plus everything else the choice carried, untouched), `ChoiceFinish`, `Usage`, `UpstreamFailure`
+and `Done`. A chunk that is not a completion chunk (another dialect's event, a line that is not JSON)
+fails the stream: what it carries cannot be judged, so none of it may reach the client. So does an
+upstream that closes before `[DONE]` while a choice is unfinished: a cut answer must not pass for a
+whole one. `OpenAIEncoder` turns the engine's outputs back into chunks that look like the upstream's
+own: same id, model, created and unknown top-level fields.
 
 Chat chunks carry text in `choices[i].delta.content`; completions chunks in `choices[i].text`.
 """
@@ -85,7 +86,8 @@ class OpenAIDecoder:
         try:
             chunk = json.loads(data)
         except ValueError:
-            return [UpstreamFailure(_error(f"upstream sent a malformed event: {data[:80]!r}"))]
+            # Never quoted: the bytes are unjudged text, and an error message is text the client sees.
+            return [UpstreamFailure(_error("upstream sent a malformed event (not JSON)"))]
         if not isinstance(chunk, dict):
             return [UpstreamFailure(_error("upstream sent an event that is not a JSON object"))]
         if "error" in chunk:

@@ -242,9 +242,7 @@ class ProxyServer(web.Server):
         self.header_timeout = header_timeout
 
     def __call__(self) -> RequestHandler:
-        return ProxyRequestHandler(
-            self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs
-        )
+        return ProxyRequestHandler(self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs)
 
 
 class ProxyRunner(web.AppRunner):

@@ -25,7 +25,7 @@ AUDIT_RESULTS = ("written", "duplicate", "dropped")
 # The kinds each error counter is labelled with (see `proxy.server.relay` and `proxy.server.choice`):
 # every series exists at 0 from the start, so a dashboard reads 0 rather than "no data".
 UPSTREAM_ERROR_KINDS = ("UpstreamError", "UpstreamTimeout", "InBandError")
-GUARD_FAILURE_KINDS = ("timeout", "GuardError", "GuardOverloaded", "GuardTimeout", "error")
+GUARD_FAILURE_KINDS = ("timeout", "GuardError", "GuardOverloaded", "error")
 FAIL_MODES = ("open", "closed")
 DISCONNECT_REASONS = ("left", "stalled")  # left mid-stream; dropped for not reading
 

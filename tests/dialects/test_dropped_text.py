@@ -163,9 +163,10 @@ def ollama_relay_after_reset(codec: OllamaCodec, wire: bytes) -> bytes:
 
 
 def test_ollama_done_line_of_dropped_text_carries_none_of_it():
-    done = {"model": "l", "message": {"role": "assistant", "content": SECRET, "thinking": SECRET,
-            "tool_calls": [{"function": {"name": "f", "arguments": {"q": SECRET}}}]},
-            "logprobs": [{"token": SECRET}], "done": True, "done_reason": "stop", "eval_count": 2}  # fmt: skip
+    message = {"role": "assistant", "content": SECRET, "thinking": SECRET,
+               "tool_calls": [{"function": {"name": "f", "arguments": {"q": SECRET}}}]}  # fmt: skip
+    done = {"model": "l", "message": message, "logprobs": [{"token": SECRET}], "done": True,
+            "done_reason": "stop", "eval_count": 2}  # fmt: skip
     out = ollama_relay_after_reset(OllamaCodec("l", chat=True), json.dumps(done).encode() + b"\n")
     assert SECRET not in out.decode()
     assert json.loads(out.splitlines()[-1])["eval_count"] == 2

@@ -9,7 +9,6 @@ from proxy.dialects.openai import (
     Done,
     OpenAIDecoder,
     OpenAIEncoder,
-    Passthrough,
     UpstreamFailure,
     Usage,
     in_band_error,

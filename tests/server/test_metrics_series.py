@@ -16,7 +16,7 @@ async def test_error_series_exist_at_zero_before_any_error(harness: Harness) -> 
     for route in ROUTES:
         for kind in ("UpstreamError", "UpstreamTimeout", "InBandError"):
             assert f'backtrack_upstream_errors_total{{kind="{kind}",route="{route}"}} 0.0' in text
-    for kind in ("timeout", "GuardOverloaded", "GuardTimeout", "error"):
+    for kind in ("timeout", "GuardError", "GuardOverloaded", "error"):
         for mode in ("open", "closed"):
             series = f'backtrack_guard_failures_total{{fail_mode="{mode}",kind="{kind}",policy="test"}}'
             assert f"{series} 0.0" in text
