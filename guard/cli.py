@@ -1,4 +1,4 @@
-"""`backtrack train`, `backtrack eval` and `backtrack bench guard`, for the proxy's CLI to register.
+"""`backtrack train` and `backtrack eval`, for the proxy's CLI to register.
 
 torch and transformers are imported inside the commands, so that `backtrack serve` starts fast.
 """

@@ -11,6 +11,7 @@ Every import counts, including those inside functions.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,3 +129,24 @@ def test_the_checker_sees_a_wrong_import(tmp_path: Path) -> None:
     names = imports(bad, "proxy.core.engine")
     assert "proxy.server.app" in names
     assert layer_of("proxy.server.app") not in ALLOWED["proxy.core"]
+
+
+def test_the_readme_layout_names_every_module_where_it_is() -> None:
+    """A newcomer reading the README's layout table finds each module in the folder its row names."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Layout") :]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 3:
+            rows[cells[0].strip("`").split("`")[0]] = cells[2]
+    missing = []
+    for path in modules().values():
+        if path.name == "__init__.py":
+            continue
+        folder = path.parent.relative_to(ROOT).as_posix() + "/"
+        if folder not in rows or f"`{path.name}`" not in rows[folder]:
+            missing.append(f"{path.relative_to(ROOT)}")
+    assert missing == []
+    named = {folder + name for folder, cell in rows.items() for name in re.findall(r"`([\w/]+\.py)`", cell)}
+    assert sorted(n for n in named if not (ROOT / n).exists()) == []

@@ -267,7 +267,7 @@ class Relay:
                 if self.response is None:
                     raise
                 # A regeneration that cannot be had is refused; a stream that broke ends in-band.
-                self._count_upstream_error(type(exc).__name__)
+                self._count_upstream_error(type(exc).__name__, exc.message)
                 unanswered = self.target is not None and self._state(self.target) is State.REGENERATING
                 failed = self._give_up(sink) if unanswered else self._abandon(exc.message, exc.kind)
                 await self.response.write(failed)
@@ -324,8 +324,8 @@ class Relay:
             elif isinstance(event, Usage | Passthrough):
                 out += self.codec.passthrough(event)
             elif isinstance(event, UpstreamFailure):
-                self._count_upstream_error("InBandError")
                 message = str(event.error.get("message", "upstream error"))
+                self._count_upstream_error("InBandError", message)
                 out += self._abandon(message, "upstream_error", event.error)
                 return bytes(out)
             elif isinstance(event, Done):
@@ -356,9 +356,10 @@ class Relay:
             out += self.emit(choice, self.guarded.give_up(choice), sink)
         return bytes(out)
 
-    def _count_upstream_error(self, kind: str) -> None:
-        """Failures after the headers never reach the server's error translation: count them here."""
+    def _count_upstream_error(self, kind: str, message: str) -> None:
+        """Failures after the headers never reach the server's error translation: count and log them here."""
         self.guarded.metrics.upstream_errors.labels(self.guarded.labels.route, kind).inc()
+        log.warning("upstream failed mid-stream on %s (%s): %s", self.path, kind, message)
 
     def _abandon(self, message: str, kind: str, upstream: JSON | None = None) -> bytes:
         """The upstream failed mid-stream: held text is dropped (unjudged), the client gets the error."""

@@ -1,4 +1,4 @@
-"""The audit log: every reset and flag as an event in the store, and `backtrack audit export`.
+"""The audit log: every reset and flag as an event in the store, and the export behind `audit export`.
 
 An event is a flat mapping of strings (what a Redis Stream entry holds):
 

@@ -16,32 +16,6 @@ from guard.evaluate import Scored
 from guard.tune import BIASES, HOLDBACKS, THRESHOLDS, Point, choose, sweep, trace
 from proxy.cli.main import main
 from proxy.core.policy import Policy, load_policy
-from tests.guard.tokenizer import vocab_size, write_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 2-layer BERT base and a guard checkpoint on it whose head fires on some tokens."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from guard.model import from_base, save_checkpoint
-
-    base = tmp_path_factory.mktemp("tiny-bert")
-    write_tokenizer(base)
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=vocab_size(base), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64,
-    )  # fmt: skip
-    BertModel(cfg).save_pretrained(str(base))
-    torch.manual_seed(1)
-    model = from_base(str(base), n_trainable_layers=1, max_prompt_tokens=8, consecutive=2)
-    torch.nn.init.normal_(model.head.weight, std=2.0)
-    torch.nn.init.zeros_(model.head.bias)
-    folder = tmp_path_factory.mktemp("tiny-guard")
-    save_checkpoint(model, folder)
-    return folder
 
 
 def scored(logits: list[float], harmful: bool, response: str = "", rid: str = "r") -> Scored:
