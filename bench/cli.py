@@ -10,14 +10,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import proxy, suite
+from bench import proxy, soak, suite
 
 
 def register(subparsers: Any) -> None:
-    """Add `bench proxy`, `bench all` and `bench guard` to the `backtrack` command."""
+    """Add `bench proxy`, `bench all`, `bench soak` and `bench guard` to the `backtrack` command."""
     bench = subparsers.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     proxy.register_bench(bench)
     suite.register_bench(bench)
+    soak.register_bench(bench)
     register_guard_bench(bench)
 
 

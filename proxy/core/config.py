@@ -63,6 +63,8 @@ class UpstreamConfig(_Frozen):
     api_key_env: str | None = None  # or: the environment variable holding it
     connect_timeout_seconds: float = Field(10.0, gt=0)
     read_timeout_seconds: float = Field(120.0, gt=0)  # longest silence between two upstream chunks
+    # The longest SSE or NDJSON line the proxy buffers; past it the stream ends with an in-band error.
+    max_line_bytes: int = Field(1024 * 1024, ge=1024)
 
     @field_validator("url")
     @classmethod

@@ -177,7 +177,7 @@ class Relay:
         self.guarded = guarded
         self.path = path
         self.headers = headers
-        self.codec = req.codec()
+        self.codec = req.codec(max_line_bytes=upstream.config.max_line_bytes)
         policy = guarded.policy
         self.prefill = req.prefill if policy.score_prefill else ""
         self.marker = policy.detectors.marker.token
