@@ -32,7 +32,6 @@ import shutil
 import signal
 import sys
 import time
-from collections import Counter
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,16 @@ import yaml
 
 from bench.command import PACKAGE_ROOT, BenchError, Report, add_command, publish, run_in_workdir
 from bench.servers import Server, free_port, proxy_command, replay_command, servers, wait_until_up
-from bench.soak_client import KINDS, OUTCOMES, PATTERN_CATEGORY, PATTERN_WORD, Result, corpus_rows, pick, send
+from bench.soak_client import (
+    PATTERN_CATEGORY,
+    PATTERN_WORD,
+    Result,
+    corpus_rows,
+    markdown,
+    pick,
+    send,
+    summary,
+)
 
 DRAIN_SECONDS = 60.0  # the proxy pings Redis every second; a spool of thousands flushes in well under this
 REDIS_START_SECONDS = 10.0
@@ -90,6 +98,7 @@ class Redis:
 
     def __init__(self, workdir: Path, started: list[Server]) -> None:
         self.workdir, self.started, self.port, self.starts = workdir, started, free_port(), 0
+        self.server: Server | None = None
 
     @property
     def url(self) -> str:
@@ -102,6 +111,7 @@ class Redis:
             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
         ]  # fmt: skip
         server = Server("redis-server", command, self.port, self.workdir / f"redis-{self.starts}.log")
+        self.server = server
         self.started.append(server)  # before waiting: a start that fails is still stopped on the way out
         deadline = time.monotonic() + REDIS_START_SECONDS
         while not await self._ping():
@@ -111,7 +121,8 @@ class Redis:
 
     async def stop(self) -> None:
         """SHUTDOWN SAVE: without its own save points Redis would otherwise lose what it held."""
-        server = self.started[-1]
+        server = self.server
+        assert server is not None, "stop before start"
         with suppress(OSError):
             _, writer = await asyncio.open_connection("127.0.0.1", self.port)
             writer.write(b"SHUTDOWN SAVE\r\n")
@@ -164,13 +175,21 @@ def write_config(workdir: Path, redis_url: str, upstream: str) -> Path:
     return path
 
 
-def proc_sample(pid: int) -> tuple[float, int]:
-    """(VmRSS in MiB, open fds) of `pid`."""
+def proc_sample(server: Server) -> tuple[float, int]:
+    """(VmRSS in MiB, open fds) of `server`'s process; BenchError, with its log, once it has exited."""
+    pid = server.process.pid
+    alive(server)
     rss_kb = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             rss_kb = int(line.split()[1])
     return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def alive(server: Server) -> None:
+    """BenchError with the log's tail when `server` has exited: the soak found a crash."""
+    if server.process.poll() is not None:
+        raise BenchError(f"{server.name} exited with {server.process.returncode}:\n{server.log_tail(40)}")
 
 
 async def readyz(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
@@ -265,7 +284,7 @@ async def _load(
         outage["restarted_at_s"] = clock()
 
     async def sample() -> dict[str, Any]:
-        rss, fds = proc_sample(proxy.process.pid)
+        rss, fds = proc_sample(proxy)
         state = await readyz(session, proxy.url)
         return {
             "t_s": round(clock(), 1), "rss_mib": round(rss, 1), "fds": fds, "requests": len(results),
@@ -279,69 +298,40 @@ async def _load(
             await asyncio.sleep(args.sample_seconds)
 
     sampling = asyncio.create_task(sampler())
+    down = asyncio.create_task(redis_outage()) if args.redis_down_seconds > 0 else None
+    clients = asyncio.gather(*(client(i) for i in range(args.streams)))
     try:
-        down = asyncio.create_task(redis_outage()) if args.redis_down_seconds > 0 else None
-        await asyncio.gather(*(client(i) for i in range(args.streams)))
+        # The sampler ends only when it finds the proxy gone: stop the loops then, not at the deadline.
+        watched: list[asyncio.Future[Any]] = [clients, sampling]
+        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        if sampling.done():
+            sampling.result()
+        await clients
         loops_ended = clock()
         if down is not None:
             await down  # an outage longer than the rest of the run still ends before the count
-        drained = await _drain(session, proxy.url)
+        drained = await _drain(session, proxy)
         samples.append(await sample())  # the end: after the drain, before anything is stopped
     finally:
-        sampling.cancel()
-        with suppress(asyncio.CancelledError):
-            await sampling
-    return _summary(results, samples, outage, duration, loops_ended, drained)
+        # On an error or a signal too: an outage task left running could start Redis after the teardown.
+        for background in (clients, sampling, down):
+            if background is not None and not background.done():
+                background.cancel()
+                with suppress(asyncio.CancelledError):
+                    await background
+    return summary(results, samples, outage, duration, loops_ended, drained)
 
 
-async def _drain(session: aiohttp.ClientSession, base: str) -> float:
+async def _drain(session: aiohttp.ClientSession, proxy: Server) -> float:
     """Seconds until Redis is up again and the spool is empty; BenchError past DRAIN_SECONDS."""
     start, state = time.monotonic(), {}
     while time.monotonic() - start < DRAIN_SECONDS:
-        state = await readyz(session, base)
+        alive(proxy)
+        state = await readyz(session, proxy.url)
         if state.get("up") and state.get("spooled_events") == 0:
             return time.monotonic() - start
         await asyncio.sleep(0.2)
     raise BenchError(f"the audit spool did not drain within {DRAIN_SECONDS:.0f} s: {state}")
-
-
-def _summary(
-    results: list[Result], samples: list[dict[str, Any]], outage: dict[str, float], duration: float,
-    loops_ended: float, drained: float,
-) -> Report:  # fmt: skip
-    outcomes = Counter(r.outcome for r in results)
-    by_kind = {k: dict(Counter(r.outcome for r in results if r.kind == k)) for k in KINDS}
-    by_route = {route: dict(Counter(r.outcome for r in results if r.route == route))
-                for route in sorted({r.route for r in results})}  # fmt: skip
-    down = (outage.get("stopped_at_s", -1.0), outage.get("restarted_at_s", -1.0))
-    warm = next((s for s in samples if s["t_s"] >= duration / 6), samples[0])
-    end = samples[-1]
-    return {
-        "duration_s": round(loops_ended, 1),
-        "requests": len(results),
-        "requests_per_s": round(len(results) / loops_ended, 1) if loops_ended else None,
-        "outcomes": {o: outcomes.get(o, 0) for o in OUTCOMES},
-        "by_kind": by_kind,
-        "by_route": by_route,
-        "statuses": dict(Counter(str(r.status) for r in results)),
-        "client_errors": dict(Counter(r.detail for r in results if r.outcome == "client_error")),
-        "resets_seen": sum(r.resets for r in results),
-        "redis": {
-            **{k: round(v, 1) for k, v in outage.items()},
-            "resets_seen_while_down": sum(r.resets for r in results if down[0] <= r.ended <= down[1]),
-            "peak_spooled": max((s["spooled"] or 0 for s in samples), default=0),
-            "drain_s": round(drained, 2),
-        },
-        "resources": {
-            "peak_rss_mib": max(s["rss_mib"] for s in samples),
-            "peak_fds": max(s["fds"] for s in samples),
-            "warmup": warm,
-            "end": end,
-            "rss_growth_mib": round(end["rss_mib"] - warm["rss_mib"], 1),
-            "fds_growth": end["fds"] - warm["fds"],
-        },
-        "samples": samples,
-    }
 
 
 async def _audit(session: aiohttp.ClientSession, proxy: Server, config: Path, report: Report) -> Report:
@@ -400,53 +390,3 @@ def _argv(args: argparse.Namespace) -> list[str]:
     if args.out is not None:
         argv += ["--out", str(args.out)]
     return argv
-
-
-def markdown(report: Report) -> str:
-    """The report as markdown tables."""
-    res, audit, redis, s = report["resources"], report["audit"], report["redis"], report["settings"]
-    lines = [f"`{report['command']}`", ""]
-    lines += ["| requests | req/s | " + " | ".join(OUTCOMES) + " |", "|--:|--:|" + "--:|" * len(OUTCOMES)]
-    lines.append(f"| {report['requests']} | {report['requests_per_s']} | "
-                 + " | ".join(str(report["outcomes"][o]) for o in OUTCOMES) + " |")  # fmt: skip
-    lines += ["", "| prompt kind | " + " | ".join(OUTCOMES) + " |", "|---|" + "--:|" * len(OUTCOMES)]
-    for kind, counts in report["by_kind"].items():
-        lines.append(f"| {kind} | " + " | ".join(str(counts.get(o, 0)) for o in OUTCOMES) + " |")
-    lines += ["", "| route | " + " | ".join(OUTCOMES) + " |", "|---|" + "--:|" * len(OUTCOMES)]
-    for route, counts in report["by_route"].items():
-        lines.append(f"| `{route}` | " + " | ".join(str(counts.get(o, 0)) for o in OUTCOMES) + " |")
-    lines += [
-        "",
-        "| audit events | expected (resets seen) | found in Redis | unique ids | lost | extra |",
-        "|---|--:|--:|--:|--:|--:|",
-        f"| | {audit['expected']} | {audit['found']} | {audit['unique_ids']} | {audit['lost']} "
-        f"| {audit['extra']} |",
-        "",
-        f"Redis stopped at {redis.get('stopped_at_s', '-')} s, back at {redis.get('restarted_at_s', '-')} s; "
-        f"{redis['resets_seen_while_down']} resets seen meanwhile, spool peak {redis['peak_spooled']} "
-        "(sampled), "
-        f"drained {redis['drain_s']} s after the loops ended; proxy counter {audit['proxy_counter']}.",
-        "",
-        "| proxy | RSS MiB | open fds |",
-        "|---|--:|--:|",
-        f"| peak | {res['peak_rss_mib']} | {res['peak_fds']} |",
-        f"| warm-up end ({res['warmup']['t_s']} s) | {res['warmup']['rss_mib']} | {res['warmup']['fds']} |",
-        f"| end, after the drain ({res['end']['t_s']} s) | {res['end']['rss_mib']} | {res['end']['fds']} |",
-        f"| growth after warm-up | {res['rss_growth_mib']:+} | {res['fds_growth']:+} |",
-        "",
-        "| t s | RSS MiB | fds | requests | resets seen | Redis up | spooled |",
-        "|--:|--:|--:|--:|--:|---|--:|",
-    ]
-    step = max(1, len(report["samples"]) // 15)  # a small table: about 15 rows, the last one always
-    shown = report["samples"][::step] + (
-        [report["samples"][-1]] if (len(report["samples"]) - 1) % step else []
-    )
-    for row in shown:
-        lines.append(f"| {row['t_s']} | {row['rss_mib']} | {row['fds']} | {row['requests']} "
-                     f"| {row['resets_seen']} | {row['redis_up']} | {row['spooled']} |")  # fmt: skip
-    lines += [
-        "",
-        f"{s['streams']} streams, replay at {s['tokens_per_second']:g} tokens/s, {s['cpu_count']} CPUs, "
-        f"load average before {s['load_average_before']}. Outcomes are what the client saw.",
-    ]
-    return "\n".join(lines)

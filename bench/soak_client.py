@@ -1,4 +1,5 @@
-"""The client side of `backtrack bench soak`: its corpus, one request on any route, and what it saw.
+"""The client side of `backtrack bench soak`: its corpus, one request on any route, what it saw, and the
+report made of all of that.
 
 A request's outcome is read from the client's side only (what a caller of the proxy would know):
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,3 +188,105 @@ def _outcome(resets: int, error: bool, done: bool) -> str:
     if not done:
         return "incomplete"
     return "reset" if resets else "ok"
+
+
+def summary(
+    results: list[Result], samples: list[dict[str, Any]], outage: dict[str, float], duration: float,
+    loops_ended: float, drained: float,
+) -> dict[str, Any]:  # fmt: skip
+    """The run's counts and samples. Warm-up ends at 1/6 of the run: after the first requests have grown
+    the proxy's pools and caches to their working size, before the outage at 1/3."""
+    outcomes = Counter(r.outcome for r in results)
+    # Split by streaming: the replay fails in-band only in streams, so the two halves differ by design.
+    by_kind = {
+        f"{k}, {'streamed' if stream else 'not streamed'}": dict(
+            Counter(r.outcome for r in results if r.kind == k and r.stream == stream)
+        )
+        for k in KINDS
+        for stream in (True, False)
+    }
+    by_route = {route: dict(Counter(r.outcome for r in results if r.route == route))
+                for route in sorted({r.route for r in results})}  # fmt: skip
+    down = (outage.get("stopped_at_s", -1.0), outage.get("restarted_at_s", -1.0))
+    warm = next((s for s in samples if s["t_s"] >= duration / 6), samples[0])
+    end = samples[-1]
+    return {
+        "duration_s": round(loops_ended, 1),
+        "requests": len(results),
+        "requests_per_s": round(len(results) / loops_ended, 1) if loops_ended else None,
+        "outcomes": {o: outcomes.get(o, 0) for o in OUTCOMES},
+        "by_kind": by_kind,
+        "by_route": by_route,
+        "statuses": dict(Counter(str(r.status) for r in results)),
+        "client_errors": dict(Counter(r.detail for r in results if r.outcome == "client_error")),
+        "resets_seen": sum(r.resets for r in results),
+        "redis": {
+            **{k: round(v, 1) for k, v in outage.items()},
+            "resets_seen_while_down": sum(r.resets for r in results if down[0] <= r.ended <= down[1]),
+            "peak_spooled": max((s["spooled"] or 0 for s in samples), default=0),
+            "drain_s": round(drained, 2),
+        },
+        "resources": {
+            "peak_rss_mib": max(s["rss_mib"] for s in samples),
+            "peak_fds": max(s["fds"] for s in samples),
+            "warmup": warm,
+            "end": end,
+            "rss_growth_mib": round(end["rss_mib"] - warm["rss_mib"], 1),
+            "fds_growth": end["fds"] - warm["fds"],
+        },
+        "samples": samples,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as markdown tables."""
+    res, audit, redis, s = report["resources"], report["audit"], report["redis"], report["settings"]
+    lines = [f"`{report['command']}`", ""]
+    lines += ["| requests | req/s | " + " | ".join(OUTCOMES) + " |", "|--:|--:|" + "--:|" * len(OUTCOMES)]
+    lines.append(f"| {report['requests']} | {report['requests_per_s']} | "
+                 + " | ".join(str(report["outcomes"][o]) for o in OUTCOMES) + " |")  # fmt: skip
+    lines += [
+        "",
+        "| prompt kind, streaming | " + " | ".join(OUTCOMES) + " |",
+        "|---|" + "--:|" * len(OUTCOMES),
+    ]
+    for kind, counts in report["by_kind"].items():
+        lines.append(f"| {kind} | " + " | ".join(str(counts.get(o, 0)) for o in OUTCOMES) + " |")
+    lines += ["", "| route | " + " | ".join(OUTCOMES) + " |", "|---|" + "--:|" * len(OUTCOMES)]
+    for route, counts in report["by_route"].items():
+        lines.append(f"| `{route}` | " + " | ".join(str(counts.get(o, 0)) for o in OUTCOMES) + " |")
+    lines += [
+        "",
+        "| audit events | expected (resets seen) | found in Redis | unique ids | lost | extra |",
+        "|---|--:|--:|--:|--:|--:|",
+        f"| | {audit['expected']} | {audit['found']} | {audit['unique_ids']} | {audit['lost']} "
+        f"| {audit['extra']} |",
+        "",
+        f"Redis stopped at {redis.get('stopped_at_s', '-')} s, back at {redis.get('restarted_at_s', '-')} s; "
+        f"{redis['resets_seen_while_down']} resets seen meanwhile, spool peak {redis['peak_spooled']} "
+        "(sampled), "
+        f"drained {redis['drain_s']} s after the loops ended; proxy counter {audit['proxy_counter']}.",
+        "",
+        "| proxy | RSS MiB | open fds |",
+        "|---|--:|--:|",
+        f"| peak | {res['peak_rss_mib']} | {res['peak_fds']} |",
+        f"| warm-up end ({res['warmup']['t_s']} s) | {res['warmup']['rss_mib']} | {res['warmup']['fds']} |",
+        f"| end, after the drain ({res['end']['t_s']} s) | {res['end']['rss_mib']} | {res['end']['fds']} |",
+        f"| growth after warm-up | {res['rss_growth_mib']:+} | {res['fds_growth']:+} |",
+        "",
+        "| t s | RSS MiB | fds | requests | resets seen | Redis up | spooled |",
+        "|--:|--:|--:|--:|--:|---|--:|",
+    ]
+    step = max(1, len(report["samples"]) // 15)  # a small table: about 15 rows, the last one always
+    shown = report["samples"][::step] + (
+        [report["samples"][-1]] if (len(report["samples"]) - 1) % step else []
+    )
+    for row in shown:
+        lines.append(f"| {row['t_s']} | {row['rss_mib']} | {row['fds']} | {row['requests']} "
+                     f"| {row['resets_seen']} | {row['redis_up']} | {row['spooled']} |")  # fmt: skip
+    lines += [
+        "",
+        f"{s['streams']} streams, replay at {s['tokens_per_second']:g} tokens/s, {s['cpu_count']} CPUs, "
+        f"load average before {s['load_average_before']}. Outcomes are what the client saw.",
+    ]
+    return "\n".join(lines)

@@ -37,7 +37,9 @@ from proxy.dialects.base import (
     Passthrough,
     UpstreamFailure,
     Usage,
+    decode_until_over,
     json_body,
+    json_object,
     last_text,
     message_text,
     model_and_stream,
@@ -171,25 +173,15 @@ class AnthropicCodec(Codec):
         return out
 
     def _events(self, sse_events: list[SSEEvent | TooLong]) -> list[Event]:
-        out: list[Event] = []
-        for sse in sse_events:
-            if self._over:
-                break
-            events = (
-                [UpstreamFailure(_error(sse.message))] if isinstance(sse, TooLong) else self._event(sse.data)
-            )
-            self._over = any(isinstance(e, UpstreamFailure | Done) for e in events)
-            out += events
+        if self._over:
+            return []
+        out, self._over = decode_until_over(sse_events, self._event, _error)
         return out
 
     def _event(self, data: str) -> list[Event]:
-        try:
-            event = json.loads(data)
-        except ValueError:
-            # Never quoted: the bytes are unjudged text, and an error message is text the client sees.
-            return [UpstreamFailure(_error("upstream sent a malformed event (not JSON)"))]
-        if not isinstance(event, dict):
-            return [UpstreamFailure(_error("upstream sent an event that is not a JSON object"))]
+        event = json_object(data, _error)
+        if isinstance(event, UpstreamFailure):
+            return [event]
         kind = event.get("type")
         if not isinstance(kind, str):
             return [UpstreamFailure(_error("upstream sent an event that is not an Anthropic event"))]

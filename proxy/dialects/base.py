@@ -16,12 +16,14 @@ client's stream with an in-band error instead of passing a cut answer off as a w
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.core.engine import Piece, ResetEvent
 from proxy.core.errors import ClientError
-from proxy.dialects.lines import MAX_LINE_BYTES
+from proxy.dialects.lines import MAX_LINE_BYTES, TooLong
+from proxy.dialects.sse import SSEEvent
 
 JSON = dict[str, Any]
 
@@ -226,3 +228,29 @@ def model_and_stream(body: JSON, *, stream_default: bool) -> tuple[str, bool]:
     if not isinstance(stream, bool):
         raise ClientError(f"'stream' must be a boolean, not {type(stream).__name__}.")
     return model, stream
+
+
+def decode_until_over(
+    items: Iterable[SSEEvent | TooLong], decode: Callable[[str], list[Event]], error: Callable[[str], JSON]
+) -> tuple[list[Event], bool]:
+    """An event stream's events, each `decode`d, up to and with the first that ends it (a `Done` or an
+    `UpstreamFailure`: nothing after it counts); and whether one did. An over-long line is a failure."""
+    out: list[Event] = []
+    for item in items:
+        events = [UpstreamFailure(error(item.message))] if isinstance(item, TooLong) else decode(item.data)
+        out += events
+        if any(isinstance(e, UpstreamFailure | Done) for e in events):
+            return out, True
+    return out, False
+
+
+def json_object(data: str, error: Callable[[str], JSON]) -> JSON | UpstreamFailure:
+    """An event's data as a JSON object, or the failure that ends the stream. The data is never quoted:
+    it is unjudged text, and an error message is text the client sees."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return UpstreamFailure(error("upstream sent a malformed event (not JSON)"))
+    if not isinstance(obj, dict):
+        return UpstreamFailure(error("upstream sent an event that is not a JSON object"))
+    return obj

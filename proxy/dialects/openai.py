@@ -30,7 +30,9 @@ from proxy.dialects.base import (
     Passthrough,
     UpstreamFailure,
     Usage,
+    decode_until_over,
     json_body,
+    json_object,
     last_text,
     model_and_stream,
     reset_object,
@@ -69,27 +71,17 @@ class OpenAIDecoder:
         return out
 
     def _events(self, sse_events: list[SSEEvent | TooLong]) -> list[Event]:
-        out: list[Event] = []
-        for sse in sse_events:
-            if self._over:
-                break
-            events = (
-                [UpstreamFailure(_error(sse.message))] if isinstance(sse, TooLong) else self._chunk(sse.data)
-            )
-            self._over = any(isinstance(e, UpstreamFailure | Done) for e in events)
-            out += events
+        if self._over:
+            return []
+        out, self._over = decode_until_over(sse_events, self._chunk, _error)
         return out
 
     def _chunk(self, data: str) -> list[Event]:
         if data.strip() == "[DONE]":
             return [Done()]
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            # Never quoted: the bytes are unjudged text, and an error message is text the client sees.
-            return [UpstreamFailure(_error("upstream sent a malformed event (not JSON)"))]
-        if not isinstance(chunk, dict):
-            return [UpstreamFailure(_error("upstream sent an event that is not a JSON object"))]
+        chunk = json_object(data, _error)
+        if isinstance(chunk, UpstreamFailure):
+            return [chunk]
         if "error" in chunk:
             err = chunk["error"]
             return [UpstreamFailure(err if isinstance(err, dict) else _error(str(err)))]
