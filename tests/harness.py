@@ -236,7 +236,8 @@ async def metric(session: aiohttp.ClientSession, root: str, name: str) -> float:
 @asynccontextmanager
 async def serving(*args: str | Path) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     """`backtrack serve ARGS --port P` as a user runs it, a subprocess, until /healthz answers (60 s at
-    most: loading the guard model on a busy machine is slow): (its root URL, the process). Then it is terminated and must exit with status 0."""
+    most: loading the guard model on a busy machine is slow): (its root URL, the process). Then it is
+    terminated and must exit with status 0."""
     port = free_port()
     command = [sys.executable, "-m", "proxy.cli.main", "serve", *map(str, args), "--port", str(port)]
     proc = await asyncio.create_subprocess_exec(
