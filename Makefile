@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test lint typecheck unit monitoring-deps redis-deps clean
+.PHONY: run test lint typecheck unit monitoring-deps redis-deps browser-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,14 @@ redis-deps:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; \
 	fi
 
-unit: $(DEV_STAMP) monitoring-deps redis-deps
+# tests/e2e/test_browser.py drives the playground in headless Chromium through chromedriver, both from
+# Debian (chromium, chromium-driver), installed when either is missing, as above.
+browser-deps:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	fi
+
+unit: $(DEV_STAMP) monitoring-deps redis-deps browser-deps
 	$(BIN)/pytest -q
 
 test: lint typecheck unit

@@ -56,6 +56,9 @@ POLICY: dict[str, Any] = {
     "actions": {"default": "refuse", "upstream_reset": "continue"},
     "refusal_message": "Sorry, I can't help with that.",
     "max_resets": 2,
+    # The wire as the tests read it: the continuation right after the reset (tests/e2e/test_mend.py
+    # covers `notice`, the shipped default, and `cut`).
+    "retraction": "event",
 }
 
 

@@ -2,6 +2,7 @@
 
     proxy.core      <- proxy.dialects <- proxy.state <- proxy.server <- proxy.cli
     proxy.replay    (the stand-in upstream) uses core and dialects only
+    proxy.client    (helpers for the proxy's clients) uses nothing of the proxy
     guard           uses proxy.core only, never the server
     bench           may use anything; nothing in proxy/ or guard/ imports it (but the CLI's dispatch)
 
@@ -22,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "proxy.dialects": {"proxy.core"},
     "proxy.state": {"proxy.core", "proxy.dialects"},
     "proxy.replay": {"proxy.core", "proxy.dialects"},
+    "proxy.client": set(),
     "proxy.server": {"proxy.core", "proxy.dialects", "proxy.state", "proxy.replay", "guard"},
     "proxy.cli": {
         "proxy.core",
@@ -39,6 +41,8 @@ ALLOWED: dict[str, set[str]] = {
 FORBIDDEN: dict[str, set[str]] = {
     "proxy.core": {"aiohttp", "torch", "redis", "transformers"},
     "proxy.dialects": {"aiohttp", "torch", "redis", "transformers"},
+    # No dependency of its own: it reads the SDKs' objects without importing them.
+    "proxy.client": {"aiohttp", "torch", "redis", "transformers", "openai", "anthropic", "ollama", "httpx"},
     "guard": {"aiohttp", "redis"},
 }
 

@@ -1,6 +1,6 @@
 """Settings: `config.yaml`, validated into frozen objects. Paths in it are relative to the file.
 
-server:   host, port, body size limit
+server:   host, port, body size limit, and the /playground page (off unless `playground: true`)
 upstream: the LLM server's root URL (or none: the built-in demo upstream), its key, timeouts
 guard:    the guard model's checkpoint and batching
 policies: name -> policy file; `default_policy` names the one used when nothing selects another
@@ -55,6 +55,9 @@ class ServerConfig(_Frozen):
     # After SIGTERM, streams get this long to finish, then end in-band. Below Kubernetes' default
     # terminationGracePeriodSeconds of 30, so the in-band error goes out before a SIGKILL.
     shutdown_grace_seconds: float = Field(25.0, ge=0)
+    # The /playground page and its debug channel (held text and per-verdict scores, for the page only).
+    # Off by default: a demo and debugging aid, not for a proxy that serves clients it does not trust.
+    playground: bool = False
 
 
 class UpstreamConfig(_Frozen):

@@ -29,6 +29,19 @@ Each reset counts; past `max_resets` the action becomes `refuse`. `retract_chars
 how much text of the abandoned attempt the client was already shown (0 for a truncate, which keeps it),
 for clients that mend their display.
 
+Retraction: most clients ignore the reset event and would splice the continuation onto the shown text.
+When a reset retracts text (`retract_chars > 0`, any action but truncate), the policy's `retraction`
+decides what such a client sees; with nothing shown there is nothing to splice and all three agree:
+
+    event       -> the reset event, then the action's continuation, as above
+    notice      -> as event; the event also carries `notice` (the policy's `retraction_notice`), which
+                   the dialect's encoder writes into the stream's text right after the reset, before
+                   the continuation. The notice is no part of any attempt (no later reset retracts it),
+                   and a non-streamed answer, whose client was shown nothing, never carries it
+    cut         -> the action becomes a truncate that still retracts: the choice finishes with
+                   "content_filter" and no continuation. `retract_chars` still says what was shown, so
+                   a mending client removes it; a non-streamed answer ends the same way
+
 States (per choice):
 
     STREAMING     --reset: regenerate/inject-->          REGENERATING --begin_attempt--> STREAMING
@@ -80,6 +93,9 @@ class ResetEvent:
     position: int  # guard tokens into the attempt where the reset happened
     discarded: str  # the held text that was dropped (for the audit stream; never sent to the client)
     policy: str
+    # What a streamed client is shown in the text between the retracted text and the continuation
+    # (`retraction: notice`); "" when nothing was retracted or the policy says otherwise.
+    notice: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +313,11 @@ class StreamEngine:
         self.resets += 1
         if self.resets > self.policy.max_resets and action is not Action.TRUNCATE:
             action = Action.REFUSE
+        # A truncate keeps what was shown; every other action abandons the attempt's text.
+        retract = 0 if action is Action.TRUNCATE else a.released_chars
+        retraction = self.policy.retraction if retract else "event"
+        if retraction == "cut":
+            action = Action.TRUNCATE  # ends here, but still retracts what was shown
         held_text = self._held_text()
         remainder = self._remainder(reset.resume_at) if action is Action.CONTINUE else []
         discarded_end = len(held_text) if reset.resume_at is None else reset.resume_at - a.released_chars
@@ -306,11 +327,11 @@ class StreamEngine:
                 action=action,
                 score=reset.score,
                 detector=reset.detector,
-                # A cut keeps what was shown; every other action abandons the attempt's text.
-                retract_chars=0 if action is Action.TRUNCATE else a.released_chars,
+                retract_chars=retract,
                 position=position,
                 discarded=held_text[:discarded_end],
                 policy=self.policy.name,
+                notice=self.policy.retraction_notice if retraction == "notice" else "",
             )
         )
         a.held = []

@@ -102,6 +102,13 @@ class Policy(_Frozen):
         "decline harmful requests briefly and help with anything benign."
     )
     max_resets: int = Field(2, ge=0, le=10)
+    # What a client that ignores the reset event sees when a reset retracts text it was shown:
+    # `event` (the continuation follows the shown text, spliced), `notice` (`retraction_notice` in the
+    # text between them) or `cut` (the answer ends with content_filter). `notice` by default: most
+    # wrappers and chat UIs ignore the event, and the notice tells their users that the text above is
+    # withdrawn while the safe continuation still arrives; mending clients skip it (`notice_chars`).
+    retraction: Literal["event", "notice", "cut"] = "notice"
+    retraction_notice: str = Field("\n\n[The answer above was withdrawn.]\n\n", min_length=1)
     fail_mode: Literal["open", "closed"] = "open"
     guard_timeout_seconds: float = Field(2.0, gt=0.0, le=60.0)
     score_prompt: bool = True  # give the guard the prompt as context

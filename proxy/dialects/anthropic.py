@@ -246,7 +246,9 @@ class AnthropicCodec(Codec):
         return out
 
     def reset(self, index: int, event: ResetEvent) -> bytes:
-        return self._start() + encode_sse(_json({"type": RESET_EVENT, **reset_object(event)}), RESET_EVENT)
+        obj = {"type": RESET_EVENT, **reset_object(event, streamed=True)}
+        out = self._start() + encode_sse(_json(obj), RESET_EVENT)
+        return out + self._engine_text(event.notice) if event.notice else out
 
     def finish(self, index: int, reason: str | None, rest: JSON | None) -> bytes:
         # The message_delta waits for end(): the upstream's usage may still come after an early finish.

@@ -192,15 +192,22 @@ def without_trailing_assistant(messages: list[Any]) -> list[Any]:
     return messages[:-1] if isinstance(last, dict) and last.get("role") == "assistant" else list(messages)
 
 
-def reset_object(event: ResetEvent) -> JSON:
-    """The `backtrack` object of DESIGN.md's reset contract."""
-    return {
+def reset_object(event: ResetEvent, *, streamed: bool = False) -> JSON:
+    """The `backtrack` object of DESIGN.md's reset contract.
+
+    `streamed`: it goes out in a stream, where the event's notice (if any) follows it as text:
+    `notice_chars` says how long it is, so that a mending client can skip it. A non-streamed answer
+    never carries the notice, nor the field."""
+    obj: JSON = {
         "event": "reset",
         "retract_chars": event.retract_chars,
         "category": event.category,
         "policy": event.policy,
         "score": round(event.score, 4),
     }
+    if streamed and event.notice:
+        obj["notice_chars"] = len(event.notice)
+    return obj
 
 
 def backtrack_summary(resets: list[JSON]) -> JSON:

@@ -239,7 +239,8 @@ class OllamaCodec(Codec):
 
     def reset(self, index: int, event: ResetEvent) -> bytes:
         self.was_reset = True
-        return encode_line({**self._empty(), "backtrack": reset_object(event)})
+        out = encode_line({**self._empty(), "backtrack": reset_object(event, streamed=True)})
+        return out + self.piece(index, Piece(event.notice)) if event.notice else out
 
     def finish(self, index: int, reason: str | None, rest: JSON | None) -> bytes:
         self.reason = reason

@@ -175,7 +175,7 @@ class OpenAIEncoder:
     def reset(self, template: JSON, index: int, event: ResetEvent) -> bytes:
         empty: JSON = {"index": index, "delta": {}} if self.chat else {"index": index, "text": ""}
         empty["finish_reason"] = None
-        return self._chunk(template, [empty], backtrack=reset_object(event))
+        return self._chunk(template, [empty], backtrack=reset_object(event, streamed=True))
 
     def finish(self, template: JSON, index: int, reason: str | None, rest: JSON | None = None) -> bytes:
         choice: JSON = dict(rest or {})
@@ -359,7 +359,8 @@ class OpenAICodec(Codec):
         return self.encoder.piece(self.template, index, Piece(piece.text, extra, piece.received))
 
     def reset(self, index: int, event: ResetEvent) -> bytes:
-        return self.encoder.reset(self.template, index, event)
+        notice = self.piece(index, Piece(event.notice)) if event.notice else b""
+        return self.encoder.reset(self.template, index, event) + notice
 
     def finish(self, index: int, reason: str | None, rest: JSON | None) -> bytes:
         return self.encoder.finish(self.template, index, reason, rest)

@@ -27,6 +27,7 @@ from proxy.dialects.routes import ROUTES
 from proxy.server import admin, handlers
 from proxy.server.keys import METRICS, POLICIES, SETTINGS, SHARED, UPSTREAM
 from proxy.server.limits import SHUTDOWN, ProxyRunner, Shutdown
+from proxy.server.playground import Playground
 from proxy.server.reload import watch_ctx
 from proxy.server.upstream import Upstream, client_timeout
 from proxy.state.metrics import Metrics, StoreMetrics
@@ -55,14 +56,18 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     shared = functools.partial(shared_ctx, settings, app[METRICS])
     app.cleanup_ctx.extend([upstream_ctx, model_ctx, shared, watch_ctx])
     app.on_cleanup.append(close_metrics)
+    # The playground's routes and debug token exist only when it is enabled (`server.playground`).
+    playground = Playground() if settings.server.playground else None
     for route in ROUTES.values():
-        app.router.add_post(route.path, functools.partial(handlers.relay, route=route))
+        app.router.add_post(route.path, functools.partial(handlers.relay, route=route, playground=playground))
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics_handler)
     app.router.add_post("/admin/reload", admin.admin_reload)
     app.router.add_get("/admin/reloads", admin.fleet_reloads)
+    if playground is not None:
+        playground.add_routes(app)
     return app
 
 

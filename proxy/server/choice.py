@@ -5,6 +5,9 @@ shown), and the scoring loop between the engine and the guard.
 pieces and finishes and writes out the outputs it returns. Timeouts and guard failures become the
 policy's fail mode here; after a fail-open the choice goes on unguarded (its guard stream state is
 unknown) and every further verdict it would have needed counts as a fail-open event.
+
+A `DebugTap` (the playground's debug channel, `proxy.server.playground`) is told of each upstream piece and
+each verdict, for a request that carries the debug token; every other request has none.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from proxy.core.detectors import Guard, GuardStream, InlineStream
+from proxy.core.detectors import Guard, GuardStream, InlineStream, Verdict
 from proxy.core.engine import Flagged, Output, Piece, ResetEvent, State, StreamEngine
 from proxy.core.errors import GuardError
 from proxy.core.policy import Action, Policy
 from proxy.dialects.base import PREFILL
+from proxy.server.playground import DebugTap
 from proxy.state.metrics import Metrics
 
 log = logging.getLogger("backtrack")
@@ -68,6 +72,7 @@ class GuardedResponse:
         metrics: Metrics,
         labels: Labels,
         on_event: Callable[[ResetEvent | Flagged], None] | None = None,
+        tap: DebugTap | None = None,
     ) -> None:
         self.policy = policy
         self.guard = guard
@@ -76,6 +81,7 @@ class GuardedResponse:
         self.labels = labels
         self.choices: dict[int, Choice] = {}
         self.on_event = on_event  # told of each reset and flag (the audit log, strikes)
+        self.tap = tap
 
     def choice(self, index: int, prefill: str = "") -> Choice:
         """Choice `index`; a new one reads the client's `prefill` first, as the start of its answer."""
@@ -89,6 +95,8 @@ class GuardedResponse:
         return choice
 
     def feed(self, choice: Choice, piece: Piece) -> list[Output]:
+        if self.tap is not None:
+            self.tap.piece(choice.index, piece.text)
         return choice.engine.feed(piece)
 
     def give_up(self, choice: Choice) -> list[Output]:
@@ -105,6 +113,8 @@ class GuardedResponse:
         if choice.state is State.REGENERATING:
             choice.engine.begin_attempt()
             self._restart_guard(choice)
+            if self.tap is not None:
+                self.tap.attempt(choice.index)
         choice.shown = []
 
     def _restart_guard(self, choice: Choice) -> None:
@@ -148,7 +158,7 @@ class GuardedResponse:
 
     async def _verdict(self, run: Choice, text: str, final: bool) -> list[Output]:
         if run.inline is not None:
-            return run.engine.on_verdict(run.inline.feed_sync(text, final=final))
+            return self._judged(run, run.inline.feed_sync(text, final=final))
         started = time.perf_counter()
         try:
             verdict = await asyncio.wait_for(
@@ -161,7 +171,13 @@ class GuardedResponse:
             log.exception("guard failed")
             return self._failed(run, "error")
         self.metrics.guard_latency.labels(self.labels.policy).observe(time.perf_counter() - started)
-        return run.engine.on_verdict(verdict)
+        return self._judged(run, verdict)
+
+    def _judged(self, run: Choice, verdict: Verdict) -> list[Output]:
+        outputs = run.engine.on_verdict(verdict)
+        if self.tap is not None:
+            self.tap.verdict(run.index, run.engine, verdict, outputs)
+        return outputs
 
     def _failed(self, run: Choice, kind: str) -> list[Output]:
         self.metrics.guard_failures.labels(self.labels.policy, kind, self.policy.fail_mode).inc()

@@ -24,11 +24,13 @@ from proxy.dialects.routes import Route
 from proxy.server.choice import GuardedResponse, Labels
 from proxy.server.keys import METRICS, POLICIES, SETTINGS, SHARED, UPSTREAM
 from proxy.server.limits import SHUTDOWN, ClientGone, StreamWatch
+from proxy.server.playground import DEBUG_HEADER, Playground
 from proxy.server.relay import Relay
 from proxy.server.upstream import read_body
 from proxy.state.audit import RequestInfo
 
 log = logging.getLogger("backtrack")
+DEBUG = DEBUG_HEADER.lower()
 
 
 def error_body(path: str, error: BacktrackError) -> JSON:
@@ -68,8 +70,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(BacktrackError("internal error in the proxy"), request.path)
 
 
-async def relay(request: web.Request, route: Route) -> web.StreamResponse:
-    """Guard one response on one of the routes of `proxy.dialects.routes`: the same loop for each."""
+async def relay(
+    request: web.Request, route: Route, playground: Playground | None = None
+) -> web.StreamResponse:
+    """Guard one response on one of the routes of `proxy.dialects.routes`: the same loop for each.
+
+    `playground` (bound when it is enabled) gives a request with its debug token the debug channel."""
     app = request.app
     live = app[POLICIES].live  # read once: a reload mid-stream does not change this request's policy
     tenant = live.authenticate(request.headers)
@@ -82,8 +88,10 @@ async def relay(request: web.Request, route: Route) -> web.StreamResponse:
     labels = Labels(policy.name, path, metrics.model_label(req.model))
     info = RequestInfo.of(request.headers, request.path, tenant, req.model, req.prompt)
     observe = shared.observer(live, policy, info)  # resets and flags: audit events, strikes
-    guarded = GuardedResponse(policy, guard, req.prompt, metrics, labels, on_event=observe)
-    headers = forwarded_headers(request.headers, tenant)
+    tap = playground.tap(request, req, policy) if playground is not None else None
+    guarded = GuardedResponse(policy, guard, req.prompt, metrics, labels, on_event=observe, tap=tap)
+    # The debug token is the proxy's own: it never goes upstream.
+    headers = {k: v for k, v in forwarded_headers(request.headers, tenant).items() if k.lower() != DEBUG}
     relay = Relay(req, app[UPSTREAM], guarded, request.path, headers)
     metrics.streams.labels(labels.policy, path, labels.model).inc()
     active = metrics.active_streams.labels(path)

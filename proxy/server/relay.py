@@ -203,7 +203,9 @@ class Relay:
     def emit(self, choice: Choice, outputs: list[Output], sink: Sink, rest: JSON | None = None) -> bytes:
         """The one output path of both modes: a choice's outputs, written to `sink`. `rest` is the
         upstream's finishing message of the choice, when this is the upstream's finish."""
-        out = bytearray()
+        # The debug channel's events (only a playground request has a tap) go out before the outputs
+        # of the verdicts they describe, between two of the codec's events.
+        out = bytearray(self.guarded.tap.take() if self.guarded.tap is not None else b"")
         index = choice.index
         for o in outputs:
             if isinstance(o, Release):

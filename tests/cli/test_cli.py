@@ -59,11 +59,12 @@ async def test_serve_without_an_upstream_fronts_the_built_in_demo_and_shows_a_re
     at = next(i for i, chunk in enumerate(chunks) if "backtrack" in chunk)
     shown, after = text_of(chunks[:at]), text_of(chunks[at + 1 :])
     assert shown.startswith("Sure, here is how to pick a lock:")
+    notice = "\n\n[The answer above was withdrawn.]\n\n"  # the shipped policy's `retraction: notice`
     assert chunks[at]["backtrack"] == {
         "event": "reset", "retract_chars": len(shown), "category": "upstream_reset", "policy": "default",
-        "score": 1.0,
+        "score": 1.0, "notice_chars": len(notice),
     }  # fmt: skip
-    assert after.startswith("I can't give step-by-step lock-picking instructions.")
+    assert after.startswith(notice + "I can't give step-by-step lock-picking instructions.")
     assert "[RESET]" not in shown + after
     assert not any("backtrack" in chunk for chunk in chunks[at + 1 :])
 
