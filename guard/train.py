@@ -109,10 +109,16 @@ def cache_lower(model: GuardModel, examples: list[Example], batch_size: int) -> 
     return out
 
 
-def lr_at(step: int, total: int, warmup: int) -> float:
+def lr_at(step: int, total: int, warmup: int, time_used: float = 0.0) -> float:
+    """Warmup, then cosine decay to 0 over the planned steps or the time budget, whichever ends first.
+
+    `time_used` is the share of the wall-time budget spent so far: a run that the budget will stop
+    before its last planned step still ends its schedule at a low learning rate.
+    """
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    progress = max((step - warmup) / max(1, total - warmup), time_used)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train(config_path: Path, out: Path, export: Path | None = None) -> Path:
@@ -179,7 +185,7 @@ def train(config_path: Path, out: Path, export: Path | None = None) -> Path:
     for epoch in range(step // steps_per_epoch, cfg["epochs"]):
         order = list(batches(examples, cfg["batch_size"], random.Random(cfg["seed"] * 1000 + epoch)))
         for idx in order[step - epoch * steps_per_epoch :]:
-            scale = lr_at(step, total, cfg["warmup_steps"])
+            scale = lr_at(step, total, cfg["warmup_steps"], (time.monotonic() - started) / budget)
             for group, base_lr in zip(opt.param_groups, (cfg["lr"], cfg["head_lr"]), strict=True):
                 group["lr"] = base_lr * scale
             batch = collate([examples[i] for i in idx], [cached[i] for i in idx], [weights[i] for i in idx])
