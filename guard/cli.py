@@ -22,7 +22,13 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser("eval", help="stream labelled responses through the guard and measure it")
-    p.add_argument("--data", type=Path, nargs="+", required=True, help="JSONL files in the shared schema")
+    p.add_argument("--data", type=Path, nargs="*", default=[], help="JSONL files in the shared schema")
+    p.add_argument(
+        "--calibration-of",
+        type=Path,
+        default=None,
+        help="also score the calibration slice this training YAML held out of its train files",
+    )
     p.add_argument("--scores", type=Path, required=True, help="per-row output JSONL")
     p.add_argument("--report", type=Path, default=None, help="folder for PNG plots")
     p.add_argument(
@@ -35,6 +41,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--concurrency", type=int, default=32, help="rows streamed at once")
     p.add_argument("--dump-logits", type=Path, default=None, help="also write every row's per-token logits")
     p.add_argument("--sweep", action="store_true", help="print the best logit_bias per aggregation k")
+    p.add_argument(
+        "--fast", action="store_true", help="batched full-sequence passes instead of streaming (same logits)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=_eval)
 
 
@@ -72,11 +82,20 @@ def operating_point(checkpoint: Path | None, policy: str | None) -> tuple[float,
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from guard.data import Row, calibration_rows, read_rows
     from guard.evaluate import run_eval
     from guard.scorer import load_scorer
 
+    if not args.data and args.calibration_of is None:
+        raise SystemExit("backtrack eval: give --data FILE... and/or --calibration-of TRAIN.yaml")
+    extra: list[Row] = []
+    if args.calibration_of is not None:
+        from guard.train import load_config
+
+        cfg = load_config(args.calibration_of)
+        extra = calibration_rows(read_rows(cfg["train_files"]), float(cfg.get("calibration_fraction", 0.0)))
     bias, threshold = operating_point(args.checkpoint, args.policy)
-    scorer = load_scorer(args.checkpoint, args.base)
+    scorer = load_scorer(args.checkpoint, args.base, threads=args.threads)
     run_eval(
         scorer,
         args.data,
@@ -89,5 +108,7 @@ def _eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         logits_out=args.dump_logits,
         sweep=args.sweep,
+        fast=args.fast,
+        extra_rows=extra,
     )
     return 0

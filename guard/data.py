@@ -14,11 +14,12 @@ Targets, per response token: 1 = `[RESET]` should be emitted now, 0 = it should 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,8 @@ class Example:
     targets: list[int]  # one per response token
     harmful: bool
     source: str
+    file: str
+    weight: float = 1.0  # the file's weight (`file_weights`), before class balancing
 
 
 def onset_targets(
@@ -140,38 +143,66 @@ def make_example(
         targets[window_from : window_from + max_response],
     )
     head = tok.prompt_ids(row.prompt, max_prompt)
-    return Example(head + ids, len(head), targets, row.harmful, row.source)
+    return Example(head + ids, len(head), targets, row.harmful, row.source, row.file)
+
+
+def in_calibration(row: Row, fraction: float) -> bool:
+    """Whether a row belongs to its file's held-out calibration slice (by prompt, stable across runs).
+
+    The split key is the prompt (the row id when there is none), so every answer to one prompt falls
+    on the same side; a slice of `fraction` of the prompts is left out of training for choosing the
+    operating point.
+    """
+    key = f"{row.file}\0{row.prompt if row.prompt else row.id}".encode()
+    bucket = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+    return bucket < fraction
+
+
+def calibration_rows(rows: Sequence[Row], fraction: float) -> list[Row]:
+    """The labelled rows of the held-out calibration slice (see `in_calibration`)."""
+    return [r for r in rows if r.harmful is not None and r.response.strip() and in_calibration(r, fraction)]
 
 
 def build_examples(
     rows: Sequence[Row], tok: GuardTokenizer, cfg: dict[str, Any], rng: random.Random
 ) -> list[Example]:
-    """Labelled rows as they are, benign-only sources subsampled; some long benign answers as windows."""
+    """Labelled rows, big files subsampled (`max_rows_per_file`), each weighted by its file's weight
+    (`file_weights`, default 1); some long benign answers also as late windows. Rows of the calibration
+    slice (`calibration_fraction` of the prompts, see `in_calibration`) are left out.
+    """
+    holdout = float(cfg.get("calibration_fraction", 0.0))
     per_source: dict[str, list[Row]] = {}
     for row in rows:
-        if row.harmful is not None and row.response.strip():
+        if row.harmful is not None and row.response.strip() and not in_calibration(row, holdout):
             per_source.setdefault(row.file, []).append(row)
     caps: dict[str, int] = cfg.get("max_rows_per_file", {})
+    file_weights: dict[str, float] = cfg.get("file_weights", {})
     examples = []
     for file, file_rows in sorted(per_source.items()):
         rng.shuffle(file_rows)
+        weight = float(file_weights.get(file, 1.0))
         for row in file_rows[: caps.get(file, len(file_rows))]:
-            examples.append(
-                make_example(
-                    row, tok, cfg["model"]["max_prompt_tokens"], cfg["max_response_tokens"], cfg["min_onset"]
-                )
+            ex = make_example(
+                row, tok, cfg["model"]["max_prompt_tokens"], cfg["max_response_tokens"], cfg["min_onset"]
             )
+            examples.append(replace(ex, weight=weight))
             if not row.harmful and rng.random() < cfg["window_fraction"]:
                 # Late text of long answers, as the scorer sees it after a context rollover.
                 n = len(tok.encode(row.response[: 8 * 2 * cfg["max_response_tokens"]])[0])
                 if n > cfg["max_response_tokens"] + 32:
                     start = rng.randrange(32, n - cfg["max_response_tokens"] // 2)
-                    examples.append(
-                        make_example(
-                            row, tok, cfg["model"]["max_prompt_tokens"], cfg["max_response_tokens"], 0, start
-                        )
+                    ex = make_example(
+                        row, tok, cfg["model"]["max_prompt_tokens"], cfg["max_response_tokens"], 0, start
                     )
+                    examples.append(replace(ex, weight=weight))
     return examples
+
+
+def class_balanced_weights(examples: Sequence[Example]) -> list[float]:
+    """Per-example loss weights: file weights, scaled so that harmful and safe each weigh half in all."""
+    totals = {c: sum(e.weight for e in examples if e.harmful == c) for c in (True, False)}
+    half = len(examples) / 2
+    return [e.weight * half / totals[e.harmful] for e in examples]
 
 
 def batches(examples: Sequence[Example], batch_size: int, rng: random.Random) -> Iterator[list[int]]:

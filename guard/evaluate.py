@@ -7,6 +7,17 @@ reset decision for every `logit_bias`: a row resets at bias b iff its aggregated
 logit(threshold). Output rows: `{"id", "source", "harmful", "reset", "reset_at_token", "max_score"}`,
 where `max_score` is the max over tokens of the k-token run minimum of sigmoid(logit + bias), so that
 `reset == (max_score >= threshold)`.
+
+`--fast` gets the same per-token logits without the scorer: the model is causal, so one batched
+full-sequence pass over `[CLS] prompt [SEP] response` gives every response token's logit at once.
+Past the model's position limit it rolls over as the scorer does (prompt + the last `rollover_keep`
+scored response tokens, then new ones up to the limit); the scorer's rollover points also depend on how
+its batches split the pending tokens, so logits after a rollover can differ slightly from the streamed
+ones. Before any rollover they are the same up to float rounding.
+
+Rows are grouped for the summary: ordinary answers (`ORDINARY_FILES`), the over-refusal trap
+(`OVERREFUSAL_FILES`, its own row) and the labelled files (every other file), whose false-reset rate is
+the one on their safe rows.
 """
 
 from __future__ import annotations
@@ -19,11 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from guard.data import Row, read_rows
+from guard.model import GuardModel
 from guard.scorer import BatchScorer, ResetRule
+from guard.tokenize import GuardTokenizer
 from proxy.core.tokens import ApproxTokenizer
 
-BENIGN_FILES = ("alpaca_eval", "fastchat_reference")
+# Ordinary requests answered by chat models: false resets here are what users of the proxy see most.
+ORDINARY_FILES = ("alpaca_eval", "fastchat_reference", "refusal_direction_harmless", "gpteacher")
+# Risky-looking but benign requests with helpful answers: reported apart, not in the labelled group.
+OVERREFUSAL_FILES = ("coconot_contrast_benign",)
 EARLY_TOKENS = 128
 
 
@@ -63,6 +81,67 @@ async def score_rows(
                 stream.close()
 
     return await asyncio.gather(*(one(r) for r in rows))
+
+
+def windows(n_head: int, n_response: int, max_positions: int, keep: int) -> list[tuple[int, int, int]]:
+    """(start, first wanted, end) response-token ranges, each read after the prompt in one pass.
+
+    The first pass reads the response from its start to the position limit; each later one restarts
+    from the last `keep` tokens already scored (the scorer's rollover) and scores the next ones; `keep`
+    is capped at half the room after the prompt, so that every pass scores new tokens.
+    """
+    room = max_positions - n_head
+    keep = min(keep, room // 2)
+    out = [(0, 0, min(n_response, room))]
+    while out[-1][2] < n_response:
+        start = max(0, out[-1][2] - keep)
+        out.append((start, out[-1][2], min(n_response, start + room)))
+    return out
+
+
+@torch.no_grad()
+def score_rows_fast(
+    model: GuardModel,
+    tokenizer: GuardTokenizer,
+    rows: Sequence[Row],
+    *,
+    batch_tokens: int = 16384,
+    rollover_keep: int = 128,
+) -> list[Scored]:
+    """Every response token's logit from batched full-sequence passes (see the module docstring)."""
+    cfg = model.cfg
+    model.eval()
+    # (row index, ids, n_head, first response token wanted, its position in ids)
+    passes: list[tuple[int, list[int], int, int, int]] = []
+    for r, row in enumerate(rows):
+        head = tokenizer.prompt_ids(row.prompt, cfg.max_prompt_tokens)
+        ids = tokenizer.encode(row.response)[0]
+        for start, wanted, end in windows(len(head), len(ids), cfg.max_positions, rollover_keep):
+            if end > wanted:
+                passes.append((r, head + ids[start:end], len(head), wanted, len(head) + wanted - start))
+    logits: list[dict[int, list[float]]] = [{} for _ in rows]  # row -> {first wanted: logits}
+    order = sorted(range(len(passes)), key=lambda i: len(passes[i][1]))
+    i = 0
+    while i < len(order):
+        T = len(passes[order[i]][1])
+        j = i
+        while j < len(order) and (j - i + 1) * len(passes[order[j]][1]) <= max(batch_tokens, T):
+            j += 1
+        chunk = [passes[n] for n in order[i:j]]
+        T = max(len(p[1]) for p in chunk)
+        ids_t = torch.zeros(len(chunk), T, dtype=torch.long)
+        types = torch.zeros(len(chunk), T, dtype=torch.long)
+        for b, (_, ids, n_head, _, _) in enumerate(chunk):
+            ids_t[b, : len(ids)] = torch.tensor(ids)
+            types[b, n_head : len(ids)] = 1
+        out = model(ids_t, types)
+        for b, (r, ids, _, wanted, at) in enumerate(chunk):
+            logits[r][wanted] = out[b, at : len(ids)].tolist()
+        i = j
+    return [
+        Scored(row, [x for _, part in sorted(parts.items()) for x in part])
+        for row, parts in zip(rows, logits, strict=True)
+    ]
 
 
 def _sigmoid(x: float) -> float:
@@ -122,18 +201,24 @@ def metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def per_file(scored: Sequence[Scored], rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def per_file_table(scored: Sequence[Scored], rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     files: dict[str, list[dict[str, Any]]] = {}
     for s, r in zip(scored, rows, strict=True):
         files.setdefault(s.row.file, []).append(r)
     table = {name: metrics(rs) for name, rs in sorted(files.items())}
-    labelled = [r for s, r in zip(scored, rows, strict=True) if s.row.file not in BENIGN_FILES]
-    benign = [r for s, r in zip(scored, rows, strict=True) if s.row.file in BENIGN_FILES]
+    pairs = list(zip(scored, rows, strict=True))
+    labelled = [r for s, r in pairs if is_labelled_file(s.row.file)]
+    ordinary = [r for s, r in pairs if s.row.file in ORDINARY_FILES]
     if labelled and len(files) > 1:
         table["labelled files"] = metrics(labelled)
-    if benign and len(files) > 1:
-        table["benign files"] = metrics(benign)
+    if ordinary and len(files) > 1:
+        table["ordinary answers"] = metrics(ordinary)
     return table
+
+
+def is_labelled_file(file: str) -> bool:
+    """A file with harmful and safe rows (not an ordinary-answer or over-refusal file)."""
+    return file not in ORDINARY_FILES and file not in OVERREFUSAL_FILES
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
@@ -158,11 +243,19 @@ def run_eval(
     limit: int | None = None,
     logits_out: Path | None = None,
     sweep: bool = False,
+    fast: bool = False,
+    extra_rows: Sequence[Row] = (),
 ) -> dict[str, dict[str, float]]:
-    """Score every row, write the per-row JSONL, print the per-file table, optionally plot."""
+    """Score every row (of `data`, then `extra_rows`), write the per-row JSONL, print the per-file
+    table, optionally plot. `limit` keeps the first N rows of each file."""
     rows: list[Row] = []
     for path in data:
         rows += read_rows([path])[:limit]
+    per_file: dict[str, list[Row]] = {}
+    for row in extra_rows:
+        per_file.setdefault(row.file, []).append(row)
+    for file_rows in per_file.values():
+        rows += file_rows[:limit]
 
     async def go() -> list[Scored]:
         await scorer.start()
@@ -171,12 +264,17 @@ def run_eval(
         finally:
             await scorer.stop()
 
-    scored = asyncio.run(go())
+    if fast:
+        if scorer.threads:
+            torch.set_num_threads(scorer.threads)
+        scored = score_rows_fast(scorer.model, scorer.tokenizer, rows, rollover_keep=scorer.rollover_keep)
+    else:
+        scored = asyncio.run(go())
     k = scorer.model.cfg.consecutive
     out = output_rows(scored, logit_bias, threshold, k)
     scores_out.parent.mkdir(parents=True, exist_ok=True)
     scores_out.write_text("".join(json.dumps(r) + "\n" for r in out), encoding="utf-8")
-    table = per_file(scored, out)
+    table = per_file_table(scored, out)
     print(f"logit_bias={logit_bias} threshold={threshold} consecutive={k}")
     print(format_table(table))
     if logits_out is not None:
@@ -194,18 +292,19 @@ def run_eval(
 
 
 def sweep_operating_points(scored: Sequence[Scored], threshold: float) -> list[dict[str, float]]:
-    """For k = 1..4, the bias with the best labelled F1 whose benign false resets stay <= 1%."""
+    """For k = 1..4, the bias with the best labelled F1 whose false resets on ordinary answers stay <= 1%."""
     import numpy as np
 
     cut = math.log(threshold / (1 - threshold))
-    labelled = [s for s in scored if s.row.file not in BENIGN_FILES and s.row.harmful is not None]
-    benign = [s for s in scored if s.row.file in BENIGN_FILES]
+    labelled = [s for s in scored if is_labelled_file(s.row.file) and s.row.harmful is not None]
+    benign = [s for s in scored if s.row.file in ORDINARY_FILES]
     harmful = np.array([bool(s.row.harmful) for s in labelled])
     best: list[dict[str, float]] = []
     for k in (1, 2, 3, 4):
         agg = np.array([s.agg_logit(k) for s in labelled])
         early = np.array([Scored(s.row, s.logits[:EARLY_TOKENS]).agg_logit(k) for s in labelled])
         ben = np.array([s.agg_logit(k) for s in benign])
+        trap = np.array([s.agg_logit(k) for s in scored if s.row.file in OVERREFUSAL_FILES])
         for b in np.arange(-12.0, 6.01, 0.25):
             reset = agg + b >= cut
             tp, fp = int((reset & harmful).sum()), int((reset & ~harmful).sum())
@@ -216,16 +315,17 @@ def sweep_operating_points(scored: Sequence[Scored], threshold: float) -> list[d
                 "f1": f1,
                 "recall": tp / max(1, int(harmful.sum())),
                 "labelled_false_reset": fp / max(1, int((~harmful).sum())),
-                "benign_false_reset": float((ben + b >= cut).mean()) if len(ben) else 0.0,
+                "ordinary_false_reset": float((ben + b >= cut).mean()) if len(ben) else 0.0,
+                "overrefusal_false_reset": float((trap + b >= cut).mean()) if len(trap) else float("nan"),
                 "reset_within_128": float(((early + b >= cut) & harmful).sum() / max(1, int(harmful.sum()))),
             }
-            if row["benign_false_reset"] <= 0.01 and (len(best) < k or row["f1"] > best[-1]["f1"]):
+            if row["ordinary_false_reset"] <= 0.01 and (len(best) < k or row["f1"] > best[-1]["f1"]):
                 best[k - 1 :] = [row]
     return best
 
 
 def format_sweep(rows: Sequence[dict[str, float]]) -> str:
-    lines = ["best logit_bias per k (benign false resets <= 1%):"]
+    lines = ["best logit_bias per k (false resets on ordinary answers <= 1%):"]
     for r in rows:
         lines.append(
             "  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())

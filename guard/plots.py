@@ -14,12 +14,12 @@ BIASES = [b / 2 for b in range(-24, 11)]  # -12 … +5 in steps of 0.5
 
 
 def bias_sweep(scored: Sequence[Scored], threshold: float, k: int) -> list[tuple[float, float, float, float]]:
-    """Per bias: (bias, false resets on benign files, on labelled safe rows, detection of harmful rows)."""
-    from guard.evaluate import BENIGN_FILES
+    """Per bias: (bias, false resets: ordinary answers, labelled safe rows; detection of harmful rows)."""
+    from guard.evaluate import ORDINARY_FILES, is_labelled_file
 
     cut = math.log(threshold / (1 - threshold))
-    benign = [s.agg_logit(k) for s in scored if s.row.file in BENIGN_FILES]
-    safe = [s.agg_logit(k) for s in scored if s.row.file not in BENIGN_FILES and s.row.harmful is False]
+    benign = [s.agg_logit(k) for s in scored if s.row.file in ORDINARY_FILES]
+    safe = [s.agg_logit(k) for s in scored if is_labelled_file(s.row.file) and s.row.harmful is False]
     harmful = [s.agg_logit(k) for s in scored if s.row.harmful]
 
     def rate(aggs: list[float], b: float) -> float:
@@ -68,7 +68,7 @@ def write_report(
 
     sweep = bias_sweep(scored, threshold, k)
     fig, ax = plt.subplots(figsize=(6, 5))
-    for col, label in ((1, "benign answers (alpaca_eval, fastchat)"), (2, "safe rows of labelled files")):
+    for col, label in ((1, "ordinary answers"), (2, "safe rows of labelled files")):
         ax.plot([p[col] for p in sweep], [p[3] for p in sweep], marker="o", markersize=3, label=label)
     for p in sweep[::4]:
         ax.annotate(f"{p[0]:+.0f}", (p[1], p[3]), fontsize=7)

@@ -21,7 +21,7 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from guard.data import IGNORE, Example, batches, build_examples, read_rows
+from guard.data import IGNORE, Example, batches, build_examples, class_balanced_weights, read_rows
 from guard.model import GuardModel, from_base, resolve_base, save_checkpoint
 from guard.tokenize import GuardTokenizer
 
@@ -38,10 +38,10 @@ class Batch:
     targets: Tensor  # (B, T) in {IGNORE, 0, 1}
     response: Tensor  # (B, T) bool, response positions
     harmful: Tensor  # (B,) float
-    weight: Tensor  # (B,) class-balancing weight
+    weight: Tensor  # (B,) loss weight: file weight, class-balanced
 
 
-def collate(examples: list[Example], cached: list[Tensor], weights: dict[bool, float]) -> Batch:
+def collate(examples: list[Example], cached: list[Tensor], weights: list[float]) -> Batch:
     T = max(len(e.ids) for e in examples)
     C = cached[0].shape[1]
     x = torch.zeros(len(examples), T, C)
@@ -52,7 +52,7 @@ def collate(examples: list[Example], cached: list[Tensor], weights: dict[bool, f
         targets[b, e.n_prompt : len(e.ids)] = torch.tensor(e.targets)
         response[b, e.n_prompt : len(e.ids)] = True
     harmful = torch.tensor([float(e.harmful) for e in examples])
-    weight = torch.tensor([weights[e.harmful] for e in examples])
+    weight = torch.tensor(weights)
     return Batch(x, targets, response, harmful, weight)
 
 
@@ -109,10 +109,16 @@ def cache_lower(model: GuardModel, examples: list[Example], batch_size: int) -> 
     return out
 
 
-def lr_at(step: int, total: int, warmup: int) -> float:
+def lr_at(step: int, total: int, warmup: int, time_used: float = 0.0) -> float:
+    """Warmup, then cosine decay to 0 over the planned steps or the time budget, whichever ends first.
+
+    `time_used` is the share of the wall-time budget spent so far: a run that the budget will stop
+    before its last planned step still ends its schedule at a low learning rate.
+    """
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    progress = max((step - warmup) / max(1, total - warmup), time_used)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train(config_path: Path, out: Path, export: Path | None = None) -> Path:
@@ -127,7 +133,12 @@ def train(config_path: Path, out: Path, export: Path | None = None) -> Path:
     tok = GuardTokenizer(resolve_base(cfg["base"]))
     examples = build_examples(read_rows(cfg["train_files"]), tok, cfg, random.Random(cfg["seed"]))
     n_harm = sum(e.harmful for e in examples)
-    weights = {True: len(examples) / (2 * n_harm), False: len(examples) / (2 * (len(examples) - n_harm))}
+    weights = class_balanced_weights(examples)
+    per_file: dict[str, list[int]] = {}
+    for e in examples:
+        counts = per_file.setdefault(e.file, [0, 0])
+        counts[0] += 1
+        counts[1] += e.harmful
     print(
         f"{len(examples)} examples, {n_harm} harmful, {sum(len(e.ids) for e in examples)} tokens", flush=True
     )
@@ -174,10 +185,10 @@ def train(config_path: Path, out: Path, export: Path | None = None) -> Path:
     for epoch in range(step // steps_per_epoch, cfg["epochs"]):
         order = list(batches(examples, cfg["batch_size"], random.Random(cfg["seed"] * 1000 + epoch)))
         for idx in order[step - epoch * steps_per_epoch :]:
-            scale = lr_at(step, total, cfg["warmup_steps"])
+            scale = lr_at(step, total, cfg["warmup_steps"], (time.monotonic() - started) / budget)
             for group, base_lr in zip(opt.param_groups, (cfg["lr"], cfg["head_lr"]), strict=True):
                 group["lr"] = base_lr * scale
-            batch = collate([examples[i] for i in idx], [cached[i] for i in idx], weights)
+            batch = collate([examples[i] for i in idx], [cached[i] for i in idx], [weights[i] for i in idx])
             loss, parts = loss_fn(model, batch, cfg["seq_loss_weight"])
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
@@ -209,6 +220,7 @@ def train(config_path: Path, out: Path, export: Path | None = None) -> Path:
                 "steps": step,
                 "total_steps": total,
                 "examples": len(examples),
+                "examples_per_file": per_file,  # [examples, harmful], late windows included
                 "wall_seconds": round(wall),
                 "threads": cfg["threads"],
             }

@@ -12,6 +12,9 @@ from guard.data import (
     IGNORE,
     Row,
     build_examples,
+    calibration_rows,
+    class_balanced_weights,
+    in_calibration,
     make_example,
     onset_char,
     onset_targets,
@@ -106,3 +109,41 @@ def test_tune_on_a_bad_file_exits_2_naming_it_without_a_traceback(
     assert main(["tune", "--data", str(path), "--policy", str(policy), "--report", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert f"{path}:1: 'response' is required" in err and "Traceback" not in err
+
+
+def test_calibration_slice_is_by_prompt_and_left_out_of_training(tiny_base: Path) -> None:
+    tok = GuardTokenizer(tiny_base)
+    rows = [Row("b", f"{p}/{i}", f"q{p}", "a b c", i % 2 == 0, "f") for p in range(40) for i in range(3)]
+    held = calibration_rows(rows, 0.25)
+    assert 0 < len(held) < len(rows)
+    prompts = {r.prompt for r in held}
+    assert all(in_calibration(r, 0.25) == (r.prompt in prompts) for r in rows)  # whole prompts
+    cfg = {
+        "model": {"max_prompt_tokens": 4},
+        "max_response_tokens": 8,
+        "min_onset": 1,
+        "window_fraction": 0.0,
+        "calibration_fraction": 0.25,
+    }
+    assert len(build_examples(rows, tok, cfg, random.Random(0))) == len(rows) - len(held)
+    assert calibration_rows(rows, 0.0) == []
+
+
+def test_file_weights_then_class_balance(tiny_base: Path) -> None:
+    tok = GuardTokenizer(tiny_base)
+    rows = [Row("s", str(i), "q", "a b", i < 2, "f" if i < 4 else "g") for i in range(8)]
+    cfg = {
+        "model": {"max_prompt_tokens": 4},
+        "max_response_tokens": 8,
+        "min_onset": 1,
+        "window_fraction": 0.0,
+        "file_weights": {"g": 3.0},
+    }
+    examples = build_examples(rows, tok, cfg, random.Random(0))
+    assert sorted(e.weight for e in examples) == [1.0] * 4 + [3.0] * 4
+    weights = class_balanced_weights(examples)
+    harmful = sum(w for w, e in zip(weights, examples, strict=True) if e.harmful)
+    assert harmful == pytest.approx(sum(weights) / 2) and sum(weights) == pytest.approx(len(examples))
+    safe_f = {w for w, e in zip(weights, examples, strict=True) if not e.harmful and e.file == "f"}
+    safe_g = {w for w, e in zip(weights, examples, strict=True) if e.file == "g"}
+    assert len(safe_f) == len(safe_g) == 1 and safe_g.pop() == pytest.approx(3 * safe_f.pop())

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from guard import cli
-from guard.evaluate import average_precision, metrics
+from guard.data import Row
+from guard.evaluate import Scored, average_precision, metrics, score_rows, score_rows_fast, windows
+from guard.scorer import load_scorer
 from proxy.cli.main import build_parser
 
-ROWS = [
+ROWS: list[dict[str, Any]] = [
     {
         "source": "fix",
         "id": "a/1",
@@ -92,7 +96,7 @@ def test_eval_writes_one_contract_line_per_row_and_plots(
 
 
 def test_metrics_on_hand_made_rows() -> None:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"harmful": True, "reset": True, "reset_at_token": 3, "max_score": 0.9},
         {"harmful": True, "reset": False, "reset_at_token": None, "max_score": 0.2},
         {"harmful": False, "reset": True, "reset_at_token": 200, "max_score": 0.8},
@@ -114,3 +118,50 @@ def test_policy_names_resolve_to_policies_folder(tmp_path: Path, monkeypatch: py
     assert cli.operating_point(None, "strict") == (2.0, 0.5)
     with pytest.raises(FileNotFoundError, match="nope"):
         cli.resolve_policy("nope")
+
+
+def test_fast_path_gives_the_streamed_logits(tiny_checkpoint: Path) -> None:
+    scorer = load_scorer(tiny_checkpoint)
+    rows = [Row.from_json(r, "fixture", n) for n, r in enumerate(ROWS, 1)]
+
+    async def streamed() -> list[Scored]:
+        await scorer.start()
+        try:
+            return await score_rows(scorer, rows, piece_tokens=2, concurrency=2)
+        finally:
+            await scorer.stop()
+
+    slow = asyncio.run(streamed())
+    fast = score_rows_fast(scorer.model, scorer.tokenizer, rows, batch_tokens=40)
+    for a, b in zip(slow, fast, strict=True):
+        assert b.logits == pytest.approx(a.logits, abs=1e-4)
+        assert a.decision(0.0, 0.5, 2) == b.decision(0.0, 0.5, 2)
+
+
+def test_fast_path_rolls_over_past_the_position_limit(tiny_checkpoint: Path) -> None:
+    assert windows(4, 10, 16, 5) == [(0, 0, 10)]
+    assert windows(4, 30, 16, 5) == [(0, 0, 12), (7, 12, 19), (14, 19, 26), (21, 26, 30)]
+    assert windows(4, 30, 16, 128) == [(0, 0, 12), (6, 12, 18), (12, 18, 24), (18, 24, 30)]
+    scorer = load_scorer(tiny_checkpoint)
+    row = Row("fix", "long", "kill", "you kill the car lock with a window pick . " * 12, True, "fixture")
+    (scored,) = score_rows_fast(scorer.model, scorer.tokenizer, [row])
+    n_tokens = len(scorer.tokenizer.encode(row.response)[0])
+    assert len(scored.logits) == n_tokens > scorer.model.cfg.max_positions
+
+
+def test_eval_scores_the_calibration_slice_fast(
+    tiny_base: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [dict(r, id=f"{i}/{r['id']}", prompt=f"q {i}") for i in range(20) for r in ROWS]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("train_files: [rows.jsonl]\ncalibration_fraction: 0.3\n", encoding="utf-8")
+    scores = tmp_path / "cal.jsonl"
+    args = parse(
+        ["eval", "--calibration-of", str(cfg), "--scores", str(scores), "--checkpoint", str(tiny_checkpoint)]
+    )
+    args.fast, args.sweep = True, True
+    assert args.func(args) == 0
+    lines = scores.read_text(encoding="utf-8").splitlines()
+    assert 0 < len(lines) < len(rows)
+    assert "best logit_bias per k" in capsys.readouterr().out

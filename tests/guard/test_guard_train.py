@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from guard.model import load_checkpoint
-from guard.train import aggregated_max, train
+from guard.train import aggregated_max, lr_at, train
 
 ROWS = [
     {
@@ -69,3 +70,11 @@ def test_aggregated_max_is_the_k_consecutive_rule() -> None:
     response = torch.tensor([[True] * 5, [False, True, True, False, False]])
     assert aggregated_max(logits, response, 2).tolist() == [2.0, 0.0]
     assert aggregated_max(logits, response, 1).tolist() == [9.0, 6.0]
+
+
+def test_schedule_ends_with_the_time_budget_when_that_comes_first() -> None:
+    assert lr_at(0, 100, 10) == 0.1
+    assert lr_at(10, 100, 10) == 1.0
+    assert lr_at(55, 100, 10) == pytest.approx(0.5)
+    assert lr_at(10, 100, 10, time_used=0.5) == pytest.approx(0.5)  # half the budget spent
+    assert lr_at(20, 100, 10, time_used=1.2) == 0.0
