@@ -24,13 +24,12 @@ from proxy.dialects.routes import Route
 from proxy.server.choice import GuardedResponse, Labels
 from proxy.server.keys import METRICS, POLICIES, SETTINGS, SHARED, UPSTREAM
 from proxy.server.limits import SHUTDOWN, ClientGone, StreamWatch
-from proxy.server.playground import DEBUG_HEADER, Playground
+from proxy.server.playground import Playground
 from proxy.server.relay import Relay
 from proxy.server.upstream import read_body
 from proxy.state.audit import RequestInfo
 
 log = logging.getLogger("backtrack")
-DEBUG = DEBUG_HEADER.lower()
 
 
 def error_body(path: str, error: BacktrackError) -> JSON:
@@ -90,8 +89,8 @@ async def relay(
     observe = shared.observer(live, policy, info)  # resets and flags: audit events, strikes
     tap = playground.tap(request, req, policy) if playground is not None else None
     guarded = GuardedResponse(policy, guard, req.prompt, metrics, labels, on_event=observe, tap=tap)
-    # The debug token is the proxy's own: it never goes upstream.
-    headers = {k: v for k, v in forwarded_headers(request.headers, tenant).items() if k.lower() != DEBUG}
+    # The debug token is the proxy's own: `Upstream.headers` forwards only its allowlist, so it stays here.
+    headers = forwarded_headers(request.headers, tenant)
     relay = Relay(req, app[UPSTREAM], guarded, request.path, headers)
     metrics.streams.labels(labels.policy, path, labels.model).inc()
     active = metrics.active_streams.labels(path)

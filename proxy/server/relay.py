@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 from aiohttp import ClientResponse, web
 
-from proxy.core.config import ServerConfig
 from proxy.core.engine import Finish, Output, Piece, Regenerate, Release, ResetEvent, State
 from proxy.core.errors import BacktrackError, UpstreamError
 from proxy.core.policy import Action
@@ -224,10 +223,10 @@ class Relay:
 
     # -- streaming -----------------------------------------------------------------------------------
 
-    async def stream(self, request: web.Request, watch: StreamWatch | None = None) -> web.StreamResponse:
-        """Stream the guarded response; `watch` (default: the server's limits) ends it early when the
-        client leaves or stalls (`ClientGone`), or with an in-band error at a limit or the shutdown."""
-        self.watch = watch or StreamWatch(request, ServerConfig())
+    async def stream(self, request: web.Request, watch: StreamWatch) -> web.StreamResponse:
+        """Stream the guarded response; `watch` ends it early when the client leaves or stalls
+        (`ClientGone`), or with an in-band error at a limit or the shutdown."""
+        self.watch = watch
         try:
             return await self.watch.run(self._stream(request))
         except ConnectionError as exc:
