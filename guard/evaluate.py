@@ -61,6 +61,19 @@ class Scored:
         return max(runs, default=-math.inf)
 
 
+def stream_rows(scorer: BatchScorer, rows: list[Row], piece_tokens: int, concurrency: int) -> list[Scored]:
+    """`score_rows` on a scorer started for it and stopped after, from synchronous code."""
+
+    async def go() -> list[Scored]:
+        await scorer.start()
+        try:
+            return await score_rows(scorer, rows, piece_tokens, concurrency)
+        finally:
+            await scorer.stop()
+
+    return asyncio.run(go())
+
+
 async def score_rows(
     scorer: BatchScorer, rows: Sequence[Row], piece_tokens: int, concurrency: int
 ) -> list[Scored]:
@@ -257,19 +270,12 @@ def run_eval(
     for file_rows in per_file.values():
         rows += file_rows[:limit]
 
-    async def go() -> list[Scored]:
-        await scorer.start()
-        try:
-            return await score_rows(scorer, rows, piece_tokens, concurrency)
-        finally:
-            await scorer.stop()
-
     if fast:
         if scorer.threads:
             torch.set_num_threads(scorer.threads)
         scored = score_rows_fast(scorer.model, scorer.tokenizer, rows, rollover_keep=scorer.rollover_keep)
     else:
-        scored = asyncio.run(go())
+        scored = stream_rows(scorer, rows, piece_tokens, concurrency)
     k = scorer.model.cfg.consecutive
     out = output_rows(scored, logit_bias, threshold, k)
     scores_out.parent.mkdir(parents=True, exist_ok=True)

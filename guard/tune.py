@@ -28,7 +28,6 @@ Writes to the report folder: `sweep.csv` (the whole grid), `report.md` (the tabl
 from __future__ import annotations
 
 import argparse
-import asyncio
 import bisect
 import csv
 import dataclasses
@@ -338,23 +337,16 @@ def score(
 ) -> list[Trace]:
     """Run every labelled row through the guard once; the traces the sweep reads."""
     from guard.data import onset_char
-    from guard.evaluate import score_rows
+    from guard.evaluate import stream_rows
 
     rows = list(rows)
     if not policy.score_prompt:  # the proxy then gives the guard no prompt either
         rows = [dataclasses.replace(r, prompt=None) for r in rows]
 
-    async def go() -> list[Scored]:
-        await scorer.start()
-        try:
-            return await score_rows(scorer, rows, piece_tokens, concurrency)
-        finally:
-            await scorer.stop()
-
     k = scorer.model.cfg.consecutive
     return [
         trace(s, k, scorer.tokenizer.encode(s.row.response)[1], onset_char(s.row.response))
-        for s in asyncio.run(go())
+        for s in stream_rows(scorer, rows, piece_tokens, concurrency)
     ]
 
 
