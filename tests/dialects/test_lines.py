@@ -1,5 +1,7 @@
 """Line framing under SSE and NDJSON: linear scanning, and a bound on a line that never ends."""
 
+import pytest
+
 from proxy.dialects.anthropic import AnthropicCodec
 from proxy.dialects.base import UpstreamFailure
 from proxy.dialects.lines import MAX_LINE_BYTES, LineSplitter, TooLong
@@ -11,28 +13,26 @@ from proxy.dialects.sse import SSEDecoder, SSEEvent
 CHUNK = b"x" * (64 * 1024)
 
 
-def test_an_sse_line_that_never_ends_stays_bounded_and_fails_once():
-    decoder = SSEDecoder()
-    events: list[object] = decoder.feed(b"data: ")
+@pytest.mark.parametrize(
+    ("make", "start", "after"),
+    [
+        (SSEDecoder, b"data: ", b"\n\ndata: late\n\n"),
+        (NDJSONDecoder, b"", b'\n{"a": 1}\n'),
+    ],
+    ids=["sse", "ndjson"],
+)
+def test_a_line_that_never_ends_stays_bounded_and_fails_once(
+    make: type[SSEDecoder] | type[NDJSONDecoder], start: bytes, after: bytes
+) -> None:
+    decoder = make()
+    events: list[object] = list(decoder.feed(start))
     most = 0
     for _ in range(8 * 1024 * 1024 // len(CHUNK)):
         events += decoder.feed(CHUNK)
         most = max(most, decoder.buffered)
     assert events == [TooLong(MAX_LINE_BYTES)]
     assert most <= MAX_LINE_BYTES and decoder.buffered == 0
-    assert decoder.feed(b"\n\ndata: late\n\n") == [] and decoder.flush() == []
-
-
-def test_an_ndjson_line_that_never_ends_stays_bounded_and_fails_once():
-    decoder = NDJSONDecoder()
-    events: list[object] = []
-    most = 0
-    for _ in range(8 * 1024 * 1024 // len(CHUNK)):
-        events += decoder.feed(CHUNK)
-        most = max(most, decoder.buffered)
-    assert events == [TooLong(MAX_LINE_BYTES)]
-    assert most <= MAX_LINE_BYTES and decoder.buffered == 0
-    assert decoder.feed(b'\n{"a": 1}\n') == [] and decoder.flush() == []
+    assert decoder.feed(after) == [] and decoder.flush() == []
 
 
 def test_an_sse_event_of_endless_data_lines_is_bounded_too():
