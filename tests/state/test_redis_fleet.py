@@ -31,7 +31,7 @@ from tests.fleet import (
     write_setup,
 )
 from tests.harness import BENIGN, WORDY, Harness, metric, policy
-from tests.redis_server import EXTERNAL, RedisServer, redis_server, redis_url, unique_prefix
+from tests.redis_server import RedisServer, redis_url, unique_prefix
 from tests.support import eventually
 
 
@@ -64,14 +64,6 @@ def no_env_redis(monkeypatch: pytest.MonkeyPatch) -> None:
 def url(tmp_path: Path) -> Iterator[str]:
     with redis_url(tmp_path / "redis") as found:
         yield found
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    if EXTERNAL is not None:
-        pytest.skip("stops and restarts Redis: needs its own redis-server, not REDIS_URL's")
-    with redis_server(tmp_path / "redis") as started:
-        yield started
 
 
 async def test_strikes_of_a_tenant_are_counted_across_replicas_and_escalate_it(

@@ -3,7 +3,6 @@ failing open while Redis is down (the proxy serves on, and `/readyz` and the met
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from proxy.core.errors import ConfigError
 from proxy.core.policy import Policy, Strikes
 from tests.fleet import POLL_SECONDS, SAFE, UNSAFE, WAIT_SECONDS, ask, replica, write_setup
 from tests.harness import Harness, metric, policy, write_policies
-from tests.redis_server import EXTERNAL, RedisServer, redis_server, unique_prefix
+from tests.redis_server import RedisServer, unique_prefix
 from tests.support import eventually
 
 
@@ -75,14 +74,6 @@ async def test_with_the_in_memory_default_one_replica_escalates_a_tenant_by_its_
     assert (await ask(session, root, SAFE))[1]["X-Backtrack-Policy"] == "strict"
     async with session.get(f"{root}/readyz") as resp:
         assert (await resp.json())["shared_state"] == {"backend": "memory", "up": True, "spooled_events": 0}
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    if EXTERNAL is not None:
-        pytest.skip("stops Redis: needs its own redis-server, not REDIS_URL's")
-    with redis_server(tmp_path / "redis") as started:
-        yield started
 
 
 async def test_while_redis_is_down_strikes_fail_open_and_the_proxy_serves_on(
