@@ -352,7 +352,7 @@ async def _audit(session: aiohttp.ClientSession, proxy: Server, config: Path, re
             await export.wait()
     if export.returncode != 0:
         raise BenchError(f"backtrack audit export exited with {export.returncode}: {err.decode()[-2000:]}")
-    events = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+    events = [json.loads(line) for line in out.decode().split("\n") if line.strip()]
     ids = {e.get("id") for e in events}
     expected = report["resets_seen"]
     return {

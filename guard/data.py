@@ -92,7 +92,7 @@ def read_rows(paths: Sequence[Path]) -> list[Row]:
     rows = []
     for path in paths:
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8").split("\n")
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"{path}: cannot read it: {exc}") from None
         for number, line in enumerate(lines, 1):

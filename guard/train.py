@@ -22,13 +22,15 @@ from torch import Tensor
 from tqdm import tqdm
 
 from guard.data import IGNORE, Example, batches, build_examples, class_balanced_weights, read_rows
-from guard.model import GuardModel, from_base, resolve_base, save_checkpoint
+from guard.model import GuardModel, from_base, load_checkpoint, resolve_base, save_checkpoint
 from guard.tokenize import GuardTokenizer
 
 
 def load_config(path: Path) -> dict[str, Any]:
     cfg: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
     cfg["train_files"] = [(path.parent / p).resolve() for p in cfg["train_files"]]
+    if cfg.get("init_from"):
+        cfg["init_from"] = (path.parent / cfg["init_from"]).resolve()
     return cfg
 
 
@@ -130,6 +132,15 @@ def train(config_path: Path, out: Path, export: Path | None = None) -> Path:
     started = time.monotonic()
 
     model = from_base(cfg["base"], **cfg["model"])
+    if cfg.get("init_from"):
+        # A warm restart: the trained layers start from an earlier guard (the lower layers are the
+        # base's either way); a fresh optimizer and schedule run from there.
+        earlier, _ = load_checkpoint(cfg["init_from"], base=cfg["base"])
+        if earlier.cfg.n_trainable_layers != model.cfg.n_trainable_layers:
+            raise ValueError(
+                f"init_from {cfg['init_from']}: trained layers differ from model.n_trainable_layers"
+            )
+        model.load_state_dict(earlier.trainable_state(), strict=False)
     tok = GuardTokenizer(resolve_base(cfg["base"]))
     examples = build_examples(read_rows(cfg["train_files"]), tok, cfg, random.Random(cfg["seed"]))
     n_harm = sum(e.harmful for e in examples)

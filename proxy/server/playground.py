@@ -239,7 +239,7 @@ def page_config(request: web.Request, token: str) -> dict[str, Any]:
 def demo_prompts() -> list[str]:
     """The prompts the built-in demo upstream answers."""
     text = resources.files("proxy.replay").joinpath("demo", "corpus.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+    return [json.loads(line)["prompt"] for line in text.split("\n") if line.strip()]
 
 
 def _script_json(data: Any) -> str:

@@ -82,6 +82,17 @@ def test_a_row_without_source_takes_its_files_name(tmp_path: Path) -> None:
     assert (row.source, row.file, row.id) == ("mine", "mine", "1")
 
 
+def test_unicode_line_separators_inside_a_row_do_not_split_it(tmp_path: Path) -> None:
+    # JSON may carry U+2028, U+2029 and U+0085 raw; only "\n" ends a JSON line (a real dataset row has them).
+    text = "first\u2028second\x85third\u2029fourth"
+    path = tmp_path / "sep.jsonl"
+    path.write_text(
+        json.dumps({"response": text, "harmful": False}, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    (row,) = read_rows([path])
+    assert row.response == text
+
+
 @pytest.mark.parametrize(
     ("line", "says"),
     [
