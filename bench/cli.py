@@ -10,15 +10,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import proxy, soak, suite
+from bench import judge, proxy, real, soak, suite
 
 
 def register(subparsers: Any) -> None:
-    """Add `bench proxy`, `bench all`, `bench soak` and `bench guard` to the `backtrack` command."""
+    """Add `bench proxy`, `bench all`, `bench soak`, `bench guard` and `bench judge` to `backtrack`."""
     bench = subparsers.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     proxy.register_bench(bench)
     suite.register_bench(bench)
     soak.register_bench(bench)
+    judge.register_bench(bench)
+    real.register_bench(bench)
     register_guard_bench(bench)
 
 

@@ -9,7 +9,7 @@ import json
 import time
 from bisect import bisect_left
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ class Target:
     url: str
     model: str = "bench"
     token: str = "bench"
+    body: dict[str, Any] = field(default_factory=dict)  # more of the request: max_tokens, temperature
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,12 @@ async def _one_request(
 ) -> None:
     """Stream one answer into `sample`; a request cancelled half-way leaves what it saw there."""
     received = 0
-    body = {"model": target.model, "messages": [{"role": "user", "content": prompt}], "stream": True}
+    body = {
+        "model": target.model,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        **target.body,
+    }
     loop = asyncio.get_running_loop()
     started = loop.time()
     text: list[str] = []
@@ -136,6 +142,8 @@ async def _one_request(
                 if "error" in event:
                     sample.done = True
                     return
+                # transformers serve sends no [DONE]: a stream whose choice finished and then ends is whole.
+                done = done or any(c.get("finish_reason") for c in event.get("choices", []))
                 content = "".join(
                     (c.get("delta") or {}).get("content") or "" for c in event.get("choices", [])
                 )
@@ -166,14 +174,16 @@ async def run_path(
     workload: Workload,
     target: Target | None = None,
     upstream: Server | None = None,
+    read_timeout: float = 60.0,
 ) -> PathRun:
     """Warm up, then drive `concurrency` streams at `target` (default: the server's chat completions).
 
     CPU is the server's (and `upstream`'s, apart) over the measured part only; a cut run counts up to the cut.
+    A stream silent for `read_timeout` seconds counts as an error.
     """
     target = target or Target(server.url + "/v1/chat/completions")
     connector = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=read_timeout)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         # Warm-up: open connections and let both servers reach steady state before measuring; bounded
         # like the run, since a path that cannot keep up is slow to warm up too.

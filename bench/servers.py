@@ -29,12 +29,14 @@ STARTUP_SECONDS = 120.0
 class Server:
     """A child process serving HTTP on `port`, its output in `log`.
 
-    `env` replaces the environment (default: this one, with this package importable).
+    `env` replaces the environment (default: this one, with this package importable); `cwd` is where
+    it runs (default: here).
     """
 
     def __init__(
-        self, name: str, command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None
-    ) -> None:
+        self, name: str, command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:  # fmt: skip
         self.name = name
         self.port = port
         self.log_path = log_path
@@ -42,7 +44,7 @@ class Server:
         if env is None:
             path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
             env = {**os.environ, "PYTHONPATH": path}
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
 
     @property
     def url(self) -> str:

@@ -1,4 +1,4 @@
-"""The `backtrack` command: serve, replay-upstream, hash-key, audit, tune, train, eval, bench."""
+"""The `backtrack` command: serve, replay-upstream, guard-serve, hash-key, audit, tune, train, eval, bench."""
 
 from __future__ import annotations
 
@@ -7,20 +7,20 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench import cli as bench_cli
 from guard import cli as guard_cli
 from guard import tune
-from proxy.cli import audit, keys, replay
+from proxy.cli import audit, guard_serve, keys, replay
 from proxy.core.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from proxy.core.config import ServerConfig
+    from proxy.core.config import ServerConfig, Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: from config, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: from config, 8080)")
     serve.add_argument("--upstream", help="the upstream LLM server's root URL, e.g. http://127.0.0.1:8001")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes sharing the port (default: from config, 1)"
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=serve_command)
 
     audit.register(sub)
     replay.register(sub)
+    guard_serve.register(sub)
     keys.register(sub)
     guard_cli.register(sub)
     tune.register(sub)
@@ -46,21 +50,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve_command(args: argparse.Namespace) -> int:
     from proxy.core.config import load_settings
-    from proxy.server.app import create_app
-    from proxy.server.reload import sighup_ctx
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = load_settings(args.config, host=args.host, port=args.port, upstream=args.upstream)
-    banner = (
-        f"backtrack: serving on http://{settings.server.host}:{settings.server.port} "
-        f"(upstream: {settings.upstream.url or 'built-in demo'}; policies: {', '.join(settings.policies)})"
+    settings = load_settings(
+        args.config, host=args.host, port=args.port, upstream=args.upstream, workers=args.workers
     )
+    if settings.redis_url is not None:
+        from proxy.state.redis_url import check
+
+        check(settings.redis_url)  # a malformed URL stops `serve` here, once, not in each worker
+    if settings.server.workers > 1:
+        from proxy.cli.workers import supervise
+
+        return supervise(args, settings)
+    return run_server(settings, on_listening=lambda _: print(banner(settings), flush=True))
+
+
+def banner(settings: Settings, port: int | None = None) -> str:
+    """What `serve` prints once it listens (`port`: the one taken, when the config asked for 0)."""
+    server = settings.server
+    workers = f"; {server.workers} workers" if server.workers > 1 else ""
+    return (
+        f"backtrack: serving on http://{server.host}:{server.port if port is None else port} "
+        f"(upstream: {settings.upstream.url or 'built-in demo'}; policies: {', '.join(settings.policies)}"
+        f"{workers})"
+    )
+
+
+def run_server(
+    settings: Settings,
+    *,
+    on_listening: Callable[[asyncio.Event], None],
+    reuse_port: bool = False,
+) -> int:
+    """Build the app and serve it until SIGTERM or SIGINT (one process: a worker, or all of `serve`)."""
+    from proxy.server.app import create_app
+    from proxy.server.reload import sighup_ctx
+
     app = create_app(settings)
     app.cleanup_ctx.append(sighup_ctx)  # a signal handler is the process's: only the command installs it
     try:
-        asyncio.run(serve(app, settings.server, banner))
+        asyncio.run(serve(app, settings.server, on_listening, reuse_port=reuse_port))
     except OSError as exc:  # the address is taken or not ours to listen on
         where = f"{settings.server.host}:{settings.server.port}"
         print(f"backtrack: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
@@ -68,8 +100,17 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def serve(app: web.Application, server: ServerConfig, banner: str) -> None:
-    """Serve `app` until SIGTERM or SIGINT; then streams get `shutdown_grace_seconds` to finish."""
+async def serve(
+    app: web.Application,
+    server: ServerConfig,
+    on_listening: Callable[[asyncio.Event], None],
+    *,
+    reuse_port: bool = False,
+) -> None:
+    """Serve `app` until SIGTERM or SIGINT; then streams get `shutdown_grace_seconds` to finish.
+
+    `on_listening` is called once the socket listens, with the event that stops the server.
+    """
     from aiohttp import web
 
     from proxy.server.app import ProxyRunner
@@ -81,10 +122,10 @@ async def serve(app: web.Application, server: ServerConfig, banner: str) -> None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     try:
-        site = web.TCPSite(runner, server.host, server.port)
+        site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port or None)
         await site.start()
-        # Printed once it listens, so the banner never announces a port it could not take.
-        print(banner, flush=True)
+        # Called once it listens, so the banner never announces a port it could not take.
+        on_listening(stop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()

@@ -9,7 +9,8 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.core.errors import ConfigError
-from proxy.replay.app import DEMO_CORPUS, create_replay_app, load_rows
+from proxy.replay.app import DEMO_CORPUS, WIRES, create_replay_app, load_rows
+from proxy.replay.judge import install_judge, load_judge
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,6 +33,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="deltas per second per stream (default: no limit)",
     )
+    parser.add_argument(
+        "--wire",
+        choices=WIRES,
+        default="openai",
+        help="how the OpenAI routes speak: as OpenAI does, or as `transformers serve` does",
+    )
+    parser.add_argument(
+        "--judge",
+        type=Path,
+        help="also answer moderation and safety-classifier requests from this JSONL of recorded verdicts",
+    )
     parser.set_defaults(func=main)
 
 
@@ -42,7 +54,15 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"backtrack replay-upstream: error: {exc.message}", file=sys.stderr)
         return 2
-    app = create_replay_app(rows, args.tokens_per_second)
+    app = create_replay_app(rows, args.tokens_per_second, args.wire)
+    if args.judge is not None:
+        try:
+            judge = load_judge(args.judge)
+        except ConfigError as exc:
+            print(f"backtrack replay-upstream: error: {exc.message}", file=sys.stderr)
+            return 2
+        install_judge(app, judge)
+        print(f"replay-upstream: recorded judge for {', '.join(sorted(judge.models))}", file=sys.stderr)
     print(
         f"replay-upstream: {len(rows)} rows from {args.data} on http://{args.host}:{args.port}",
         file=sys.stderr,

@@ -55,6 +55,9 @@ class ServerConfig(_Frozen):
     # After SIGTERM, streams get this long to finish, then end in-band. Below Kubernetes' default
     # terminationGracePeriodSeconds of 30, so the in-band error goes out before a SIGKILL.
     shutdown_grace_seconds: float = Field(25.0, ge=0)
+    # Processes serving the one port (`backtrack serve --workers` overrides it); each loads its own
+    # guard, so memory grows with it. See `proxy.cli.workers`.
+    workers: int = Field(1, ge=1, le=256)
     # The /playground page and its debug channel (held text and per-verdict scores, for the page only).
     # Off by default: a demo and debugging aid, not for a proxy that serves clients it does not trust.
     playground: bool = False
@@ -89,6 +92,12 @@ class ScorerConfig(_Frozen):
     base: str | None = None  # the base model folder; None: the one the checkpoint names
     max_batch_tokens: int = Field(2048, ge=1)
     queue_size: int = Field(4096, ge=1)
+
+
+# One server (TLS: rediss), Sentinel, Cluster; `proxy.state.redis_url` reads the rest of the URL.
+REDIS_SCHEMES = (
+    "redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster",
+)  # fmt: skip
 
 
 class RedisConfig(_Frozen):
@@ -167,6 +176,7 @@ def load_settings(
     host: str | None = None,
     port: int | None = None,
     upstream: str | None = None,
+    workers: int | None = None,
     env: dict[str, str] | None = None,
 ) -> Settings:
     """Read and validate `path` (None: built-in defaults with a marker-only policy)."""
@@ -175,19 +185,19 @@ def load_settings(
     policy_set = load_policy_set(cfg, path)
     base = path.parent if path is not None else Path.cwd()
 
-    server = cfg.server.model_copy(
-        update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
-    )
+    overrides = {k: v for k, v in (("host", host), ("port", port), ("workers", workers)) if v is not None}
+    server = parse_model(ServerConfig, {**cfg.server.model_dump(), **overrides}, "the command line")
     up = cfg.upstream
     if upstream is not None:
         up = parse_model(UpstreamConfig, {**up.model_dump(), "url": upstream}, "--upstream")
     checkpoint = base / cfg.guard.checkpoint if cfg.guard.checkpoint else None
     token = env.get(cfg.admin.token_env)
     redis_url = env.get("BACKTRACK_REDIS_URL") or cfg.redis.url
-    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+    if redis_url is not None and redis_url.partition("://")[0] not in REDIS_SCHEMES:
         where = "BACKTRACK_REDIS_URL" if env.get("BACKTRACK_REDIS_URL") else f"{path}: 'redis.url'"
         # The value is not repeated: a Redis URL may carry a password.
-        raise ConfigError(f"{where} must start with redis://, rediss:// or unix://")
+        *first, last = (s + "://" for s in REDIS_SCHEMES)
+        raise ConfigError(f"{where} must start with {', '.join(first)} or {last}")
     return Settings(
         path=path,
         file=cfg,

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from proxy.core.detectors import MARKER, UPSTREAM_RESET
 from proxy.core.errors import ConfigError
+from proxy.core.judge_config import LOCAL_STAGES, RemoteDetector
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -65,6 +66,34 @@ class Detectors(_Frozen):
     marker: MarkerDetector = MarkerDetector()
     patterns: list[PatternRule] = []
     model: ModelDetector = ModelDetector()
+    # Judges behind HTTP (`proxy.core.judges`): read side by side with the others, or as a cascade's stage.
+    remote: list[RemoteDetector] = []
+
+    @field_validator("remote")
+    @classmethod
+    def _unique(cls, value: list[RemoteDetector]) -> list[RemoteDetector]:
+        names = [d.name for d in value]
+        dup = sorted({n for n in names if names.count(n) > 1} | {n for n in names if n in LOCAL_STAGES})
+        if dup:
+            raise ValueError(f"detector names must be unique and not one of {sorted(LOCAL_STAGES)}: {dup}")
+        return value
+
+
+class Cascade(_Frozen):
+    """Two stages: the `trigger`'s resets are candidates, each judged by the `verifier` (over the prompt
+    and the text so far) before it becomes a reset. Unsafe confirms it; safe dismisses it, and the trigger
+    reads on from there. Stages are detector names: `model`, `patterns` or a remote detector's name."""
+
+    trigger: str = Field(min_length=1)
+    verifier: str = Field(min_length=1)
+    # Which stage's category a confirmed reset carries (the verifier usually names harms more finely).
+    category: Literal["verifier", "trigger"] = "verifier"
+
+    @model_validator(mode="after")
+    def _two(self) -> Cascade:
+        if self.trigger == self.verifier:
+            raise ValueError("a cascade's trigger and verifier must be two different detectors")
+        return self
 
 
 class Strikes(_Frozen):
@@ -115,6 +144,20 @@ class Policy(_Frozen):
     score_prefill: bool = True  # client-supplied assistant text is part of the response the guard reads
     audit: Literal["redacted", "kept"] = "redacted"
     strikes: Strikes | None = None  # None: a tenant's resets never change what it gets
+    cascade: Cascade | None = None  # None: every detector's reset is a reset
+
+    @model_validator(mode="after")
+    def _stages(self) -> Policy:
+        if self.cascade is None:
+            return self
+        d = self.detectors
+        known = {"model": d.model.enabled, "patterns": bool(d.patterns)} | {r.name: True for r in d.remote}
+        for role in ("trigger", "verifier"):
+            name = getattr(self.cascade, role)
+            if not known.get(name):
+                enabled = sorted(n for n, on in known.items() if on)
+                raise ValueError(f"cascade.{role} names {name!r}, which is not an enabled detector {enabled}")
+        return self
 
     @field_validator("actions")
     @classmethod

@@ -39,6 +39,8 @@ DEFAULT_ANSWER = (
     "so here is a short, friendly sentence instead. Ask one of the demo prompts to hear a recorded reply."
 )
 MODEL_ID = "replay"
+# How the OpenAI routes speak (`create_replay_app(wire=...)`, `replay-upstream --wire`).
+WIRES = ("openai", "transformers")
 # OpenAI rejects larger `n`; a cap keeps one request from asking for an unbounded amount of work.
 MAX_N = 128
 
@@ -175,9 +177,23 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def create_replay_app(rows: list[Row], tokens_per_second: float | None = None) -> web.Application:
-    """The replay server for `rows`; at most `tokens_per_second` deltas a second per stream (None: any)."""
+def create_replay_app(
+    rows: list[Row], tokens_per_second: float | None = None, wire: str = "openai"
+) -> web.Application:
+    """The replay server for `rows`; at most `tokens_per_second` deltas a second per stream (None: any).
+
+    `wire` is how the OpenAI routes speak: `openai` (as OpenAI does) or `transformers` (as
+    `transformers serve` does, `proxy.replay.transformers_wire`).
+    """
     from proxy.replay import dialects as replay_dialects  # it builds on this module's state and stream writer
+    from proxy.replay import transformers_wire
+
+    if wire not in WIRES:
+        raise ConfigError(f"replay wire {wire!r} is not one of {', '.join(WIRES)}")
+    chat: Handler = _chat_completions
+    completions: Handler = _completions
+    if wire == "transformers":
+        chat, completions = transformers_wire.chat_completions, transformers_wire.completions
 
     responses: dict[str, list[Row]] = {}
     for row in rows:
@@ -185,8 +201,8 @@ def create_replay_app(rows: list[Row], tokens_per_second: float | None = None) -
             responses.setdefault(row.prompt, []).append(row)
     app = web.Application(middlewares=[_errors])
     app[REPLAY_STATE] = ReplayState(responses=responses, tokens_per_second=tokens_per_second or None)
-    app.router.add_post("/v1/chat/completions", _chat_completions)
-    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", _models)
     app.router.add_post("/v1/messages", replay_dialects.messages)
     app.router.add_post("/api/chat", replay_dialects.ollama_chat)

@@ -25,6 +25,8 @@ from proxy.core.detectors import CompositeGuard, Guard, MarkerGuard, PatternGuar
 from proxy.core.policy import Policy
 from proxy.dialects.routes import ROUTES
 from proxy.server import admin, handlers
+from proxy.server.cascade import CascadeGuard
+from proxy.server.judges import Judges
 from proxy.server.keys import METRICS, POLICIES, SETTINGS, SHARED, UPSTREAM
 from proxy.server.limits import SHUTDOWN, ProxyRunner, Shutdown
 from proxy.server.playground import Playground
@@ -126,9 +128,9 @@ async def model_ctx(app: web.Application) -> AsyncIterator[None]:
         )
         scorer.on_batch = app[METRICS].guard_batch_size.observe
         await scorer.start()
-    app[POLICIES] = PolicyRegistry(
-        settings, functools.partial(build_guard, scorer=scorer), app[METRICS], model_loaded=scorer is not None
-    )
+    judges = Judges(app[METRICS])
+    build = functools.partial(build_guard, scorer=scorer, judges=judges)
+    app[POLICIES] = PolicyRegistry(settings, build, app[METRICS], model_loaded=scorer is not None)
     metrics = app[METRICS]
     metrics.init_policies(settings.policies)
     # Policies a reload adds get their series too.
@@ -136,6 +138,7 @@ async def model_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await judges.close()
         if scorer is not None:
             await scorer.stop()
 
@@ -149,18 +152,27 @@ async def close_metrics(app: web.Application) -> None:
     app[METRICS].close()
 
 
-def build_guard(policy: Policy, scorer: Any = None) -> Guard:
-    """The detectors a policy enables, read side by side."""
+def build_guard(policy: Policy, scorer: Any = None, judges: Judges | None = None) -> Guard:
+    """The detectors a policy enables, read side by side; a cascade's two stages as one of them."""
     detectors = policy.detectors
-    parts: list[Guard] = []
+    named: dict[str, Guard] = {}
     if detectors.marker.enabled:
-        parts.append(MarkerGuard(detectors.marker.token))
+        named["marker"] = MarkerGuard(detectors.marker.token)
     if detectors.patterns:
         rules = [(rx, rule.category) for rule in detectors.patterns for rx in rule.regex]
         words = [(w, rule.category) for rule in detectors.patterns for w in rule.words]
-        parts.append(PatternGuard(rules, words))
+        named["patterns"] = PatternGuard(rules, words)
     if detectors.model.enabled:
-        parts.append(scorer.guard(logit_bias=policy.logit_bias, threshold=policy.threshold))
+        named["model"] = scorer.guard(logit_bias=policy.logit_bias, threshold=policy.threshold)
+    if detectors.remote or policy.cascade is not None:
+        if judges is None:
+            raise ValueError("remote detectors and cascades need the app's `Judges`")
+        for remote in detectors.remote:
+            named[remote.name] = judges.remote(remote, policy)
+        if policy.cascade is not None:
+            trigger, verifier = named.pop(policy.cascade.trigger), named.pop(policy.cascade.verifier)
+            named["cascade"] = CascadeGuard(trigger, verifier, policy, judges.metrics, judges.judge_metrics)
+    parts = list(named.values())
     if not parts:
         parts.append(PatternGuard([]))  # no detector: text still flows through the hold-back
     return parts[0] if len(parts) == 1 else CompositeGuard(parts)

@@ -166,7 +166,8 @@ class GuardedResponse:
             )
         except (TimeoutError, GuardError) as exc:
             kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
-            return self._failed(run, kind)
+            # A remote judge counts its own failures, by detector (`proxy.server.judges`).
+            return self._failed(run, kind, counted=getattr(exc, "counted", False))
         except Exception:
             log.exception("guard failed")
             return self._failed(run, "error")
@@ -179,11 +180,12 @@ class GuardedResponse:
             self.tap.verdict(run.index, run.engine, verdict, outputs)
         return outputs
 
-    def _failed(self, run: Choice, kind: str) -> list[Output]:
-        self.metrics.guard_failures.labels(self.labels.policy, kind, self.policy.fail_mode).inc()
-        log.warning(
-            "guard unavailable (%s); policy %s fails %s", kind, self.policy.name, self.policy.fail_mode
-        )
+    def _failed(self, run: Choice, kind: str, counted: bool = False) -> list[Output]:
+        if not counted:
+            self.metrics.guard_failures.labels(self.labels.policy, kind, self.policy.fail_mode).inc()
+            log.warning(
+                "guard unavailable (%s); policy %s fails %s", kind, self.policy.name, self.policy.fail_mode
+            )
         run.unguarded = self.policy.fail_mode == "open"
         if run.unguarded:
             self.metrics.fail_open.labels(self.labels.policy).inc()

@@ -173,3 +173,38 @@ class StoreMetrics:
         )  # fmt: skip
         for result in RELOAD_RESULTS:
             self.fleet_reloads.labels(result)
+
+
+# A remote judge answers in tens of milliseconds on a GPU next door, in seconds from a busy API; the top
+# bounds reach the longest per-attempt timeouts a detector allows.
+JUDGE_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+JUDGE_FAILURE_KINDS = ("timeout", "unreachable", "bad_answer")
+
+
+class JudgeMetrics:
+    """Remote judges' metrics (`proxy.server.judges`), per policy and detector (a detector's name is
+    from the policy file). Registered on an app's registry with its guards; documented in the README's
+    "Remote judges" section."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter(
+            "backtrack_judge_calls_total", "Calls to a remote judge (each attempt), by policy and detector",
+            ["policy", "detector"], registry=registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "backtrack_judge_latency_seconds", "Time from sending a remote judge a call to its answer",
+            ["policy", "detector"], buckets=JUDGE_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.failures = Counter(
+            "backtrack_judge_failures_total", "Remote judge calls that gave no verdict after their retries",
+            ["policy", "detector", "kind"], registry=registry,
+        )  # fmt: skip
+        self.verdicts = Counter(
+            "backtrack_judge_verdicts_total", "Remote judges' verdicts (safe, unsafe) and cascade outcomes "
+            "(confirmed, cleared)", ["policy", "detector", "verdict"], registry=registry,
+        )  # fmt: skip
+
+    def init_detector(self, policy: str, detector: str) -> None:
+        """Create a detector's failure series at 0."""
+        for kind in JUDGE_FAILURE_KINDS:
+            self.failures.labels(policy, detector, kind)

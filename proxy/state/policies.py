@@ -10,8 +10,15 @@ Theory of operation:
 - Only the policies and the selection (`PolicySet`) are reloaded. The server, upstream, guard, redis
   and admin sections are read at start; a changed one is logged as waiting for a restart. The guard
   model is loaded once: an edit that enables it where it was not loaded is refused.
-- The watcher polls the files' (mtime, size) every `reload.poll_seconds`. A failed reload remembers the
-  files it saw, so a broken edit is reported once, and the next edit is tried again.
+- The watcher polls every `reload.poll_seconds` what each file's path resolves to: the real path (through
+  symlinks), the inode, mtime and size. Kubernetes updates a mounted ConfigMap by writing a new
+  directory and swapping one `..data` symlink (each file is `name -> ..data/name`), and tools such as
+  `tar` or `rsync -a` keep mtimes; a new real path or inode is a change even where mtime and size
+  are not. A failed reload remembers the files it saw, so a broken edit is reported once, and the next
+  edit is tried again.
+- A reload reads several files; one that changed while they were read (a symlink swapped between two
+  of them) may have mixed two versions, so the read is taken again until it saw one version, and only
+  then validated, swapped in or counted as refused.
 """
 
 from __future__ import annotations
@@ -36,7 +43,11 @@ log = logging.getLogger("backtrack")
 # Sections read once, at start: a reload leaves them as they were.
 RESTART_SECTIONS = ("server", "upstream", "guard", "redis", "admin", "reload")
 
-Snapshot = dict[Path, tuple[int, int] | None]  # path -> (mtime_ns, size), None when missing
+# path -> (real path, device, inode, mtime_ns, size) of the file it resolves to; None when missing
+Snapshot = dict[Path, tuple[str, int, int, int, int] | None]
+# How often a reload reads the files while they keep changing under it; then it takes the last read as
+# it is (the next poll sees the change). A read takes milliseconds; Kubernetes swaps once per update.
+READ_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -91,9 +102,11 @@ class PolicyRegistry:
     async def reload(self, reason: str) -> Live:
         """Read, validate and swap in the policies; raises `ConfigError` and keeps the old ones on error."""
         async with self._lock:
-            before = self._stat(self._seen)  # taken first: an edit during the read shows at the next poll
+            before, read = await self._read_steady()
             try:
-                cfg, policy_set = await asyncio.to_thread(self._read)
+                if isinstance(read, ConfigError):
+                    raise read
+                cfg, policy_set = read
                 live = self._make(policy_set, generation=self._live.generation + 1)
             except ConfigError as exc:
                 # Watch what the broken edit names too: creating a policy file it lacks is the next edit.
@@ -126,11 +139,26 @@ class PolicyRegistry:
             await self.reload(reason)
 
     async def watch(self, interval: float) -> None:
-        """Reload whenever a watched file's mtime or size changes; runs until cancelled."""
+        """Reload whenever a watched file changes (what it resolves to, or its mtime or size); runs until
+        cancelled."""
         while True:
             await asyncio.sleep(interval)
             if self._stat(self._seen) != self._seen:
                 await self.reload_logged("file change")
+
+    async def _read_steady(self) -> tuple[Snapshot, tuple[ConfigFile, PolicySet] | ConfigError]:
+        """`_read` again while the watched files change under it: (the files as they were before the
+        read that counts, what it gave). An edit after that stat shows at the next poll."""
+        for _ in range(READ_ATTEMPTS):
+            before = self._stat(self._seen)
+            try:
+                read: tuple[ConfigFile, PolicySet] | ConfigError = await asyncio.to_thread(self._read)
+            except ConfigError as exc:
+                read = exc
+            if self._stat(before) == before:
+                break
+            log.info("policy files changed while they were read; reading them again")
+        return before, read
 
     def _read(self) -> tuple[ConfigFile, PolicySet]:
         path = self.settings.path
@@ -168,9 +196,10 @@ class PolicyRegistry:
         out: Snapshot = {}
         for path in paths:
             try:
-                st = os.stat(path)
+                real = os.path.realpath(path)
+                st = os.stat(real)
             except OSError:
                 out[path] = None
             else:
-                out[path] = (st.st_mtime_ns, st.st_size)
+                out[path] = (real, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
         return out

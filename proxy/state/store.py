@@ -10,7 +10,8 @@ What replicas share (DESIGN.md, State):
 
 `MemoryStore` is the embedded default: one process, nothing to run. `RedisStore` keeps the audit log in
 a Redis Stream (XADD with MAXLEN ~), strikes in one sorted set per tenant with a TTL, reloads on a
-pub/sub channel and results in a hash. Every redis-py error is translated here, once, into
+pub/sub channel and results in a hash, on one server, a Sentinel-managed master or a Cluster (the URL
+says which: `proxy.state.redis_url`). Every redis-py error is translated here, once, into
 `StoreUnavailable`; callers decide what an outage means for them (strikes fail open, audit spools).
 """
 
@@ -24,10 +25,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
+
+from proxy.state.redis_url import check, connect
 
 # How long an event id is remembered for deduplication: longer than any outage the spool rides out.
 DEDUPE_SECONDS = 7 * 24 * 3600
@@ -196,13 +199,20 @@ if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
 end
 return false
 """
+# The latest announcement and the message together. A script, not MULTI: Redis Cluster clients refuse
+# PUBLISH in a transaction; run on the key's node, PUBLISH still reaches subscribers on every node.
+_PUBLISH = """
+redis.call('SET', KEYS[1], ARGV[2])
+return redis.call('PUBLISH', ARGV[1], ARGV[2])
+"""
 
 
 @contextlib.contextmanager
 def _translated(what: str) -> Iterator[None]:
     try:
         yield
-    except (RedisError, OSError) as exc:
+    # A Cluster client reports "no node reachable" as RedisClusterException, which is no RedisError.
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise StoreUnavailable(f"redis: {what}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -217,7 +227,7 @@ class _RedisSubscription:
         return None if msg is None else str(msg["data"])
 
     async def close(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
             await self.pubsub.unsubscribe(self.channel)
         await self.pubsub.aclose()
 
@@ -229,7 +239,8 @@ class RedisStore:
 
     def __init__(self, url: str, *, prefix: str, audit_maxlen: int, timeout: float = 2.0) -> None:
         # One quick retry: an outage is the caller's to handle (spool, fail open), not to wait out here.
-        self.client = aioredis.Redis.from_url(
+        check(url)
+        self.client, self._close = connect(
             url,
             decode_responses=True,
             socket_timeout=timeout,
@@ -237,13 +248,16 @@ class RedisStore:
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
         )
         self.audit_maxlen = audit_maxlen
-        self.audit_key = f"{prefix}:audit"
-        self.seen_prefix = f"{prefix}:audit:seen:"
+        # The append script reads both keys: the hash tag puts them in one Cluster slot (the other keys
+        # are each read alone, so tenants' strikes spread over the Cluster's nodes).
+        self.audit_key = f"{{{prefix}}}:audit"
+        self.seen_prefix = f"{{{prefix}}}:audit:seen:"
         self.strikes_prefix = f"{prefix}:strikes:"
         self.reload_channel = f"{prefix}:reload"
         self.last_reload_key = f"{prefix}:reload:last"
         self.reports_key = f"{prefix}:reloads"
         self._append = self.client.register_script(_APPEND)
+        self._publish = self.client.register_script(_PUBLISH)
 
     async def ping(self) -> None:
         with _translated("ping"):
@@ -281,10 +295,7 @@ class RedisStore:
 
     async def publish_reload(self, message: str) -> None:
         with _translated("publish reload"):
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(self.last_reload_key, message)
-                pipe.publish(self.reload_channel, message)
-                await pipe.execute()
+            await self._publish(keys=[self.last_reload_key], args=[self.reload_channel, message])
 
     async def last_reload(self) -> str | None:
         with _translated("read the latest reload"):
@@ -292,6 +303,10 @@ class RedisStore:
         return None if found is None else str(found)
 
     async def subscribe_reloads(self) -> Subscription:
+        if isinstance(self.client, RedisCluster):
+            # A Cluster's pub/sub picks its node from the slot map, which the first command fills.
+            with _translated("subscribe to reloads"):
+                await self.client.initialize()
         pubsub = self.client.pubsub()
         try:
             with _translated("subscribe to reloads"):
@@ -315,7 +330,7 @@ class RedisStore:
         return {str(k): str(v) for k, v in found.items()}
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self._close()
 
 
 def open_store(redis_url: str | None, *, prefix: str, audit_maxlen: int) -> Store:

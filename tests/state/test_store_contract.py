@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -11,18 +13,58 @@ from proxy.core.config import load_settings
 from proxy.core.errors import ConfigError
 from proxy.state.store import MemoryStore, RedisStore, Store, open_store
 from tests.redis_server import redis_url, unique_prefix
+from tests.state import redis_shapes
 
 MAXLEN = 100
 
 
-@pytest.fixture(params=["memory", "redis"])
+SHAPES = {
+    "redis-password": functools.partial(redis_shapes.server, tls=False),
+    "redis-tls": functools.partial(redis_shapes.server, tls=True),
+    "redis-sentinel": functools.partial(redis_shapes.sentinel, tls=False),
+    "redis-sentinel-tls": functools.partial(redis_shapes.sentinel, tls=True),
+    "redis-cluster": functools.partial(redis_shapes.cluster, tls=False),
+    "redis-cluster-tls": functools.partial(redis_shapes.cluster, tls=True),
+}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Each production shape of Redis, started once for the module as it is asked for (tests keep apart by
+    key prefix); their URLs."""
+    with ExitStack() as stack:
+        started: dict[str, str] = {}
+
+        def url(name: str) -> str:
+            if name not in started:
+                folder = tmp_path_factory.mktemp(name)
+                started[name] = stack.enter_context(SHAPES[name](folder)).url
+            return started[name]
+
+        yield _Lazy(url)
+
+
+class _Lazy(dict[str, str]):
+    def __init__(self, start: Callable[[str], str]) -> None:
+        super().__init__()
+        self.start = start
+
+    def __missing__(self, name: str) -> str:
+        return self.start(name)
+
+
+@pytest.fixture(params=["memory", "redis", *SHAPES])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     if request.param == "memory":
         memory = MemoryStore(MAXLEN)
         yield memory
         await memory.close()
         return
-    with redis_url(tmp_path / "redis") as url:
+    with ExitStack() as stack:
+        if request.param == "redis":
+            url = stack.enter_context(redis_url(tmp_path / "redis"))
+        else:
+            url = request.getfixturevalue("shapes")[request.param]
         redis = RedisStore(url, prefix=unique_prefix(), audit_maxlen=MAXLEN)
         try:
             yield redis
@@ -148,6 +190,9 @@ def test_a_redis_url_of_another_scheme_is_refused_without_repeating_it(tmp_path:
     config.write_text("redis: {url: 'http://user:hunter2@cache:6379'}\n", encoding="utf-8")
     with pytest.raises(ConfigError) as err:
         load_settings(config, env={})
-    assert err.value.message == f"{config}: 'redis.url' must start with redis://, rediss:// or unix://"
+    assert err.value.message == (
+        f"{config}: 'redis.url' must start with redis://, rediss://, unix://, redis+sentinel://, "
+        "rediss+sentinel://, redis+cluster:// or rediss+cluster://"
+    )
     with pytest.raises(ConfigError, match=r"^BACKTRACK_REDIS_URL must start with"):
         load_settings(None, env={"BACKTRACK_REDIS_URL": "cache:6379"})
