@@ -73,7 +73,7 @@ async def test_serve_without_an_upstream_fronts_the_built_in_demo_and_shows_a_re
         )
         pytest.skip("the guard timed out under this machine's load and the default policy failed open")
 
-    # The bundled guard (v2) resets the demo's lock-picking answer itself, at its 17th token, before the
+    # The bundled guard (v2) resets the demo's lock-picking answer itself, at its 21st token, before the
     # hold-back has released any of it, so the upstream's own [RESET] marker is never reached.
     at = next(i for i, chunk in enumerate(chunks) if "backtrack" in chunk)
     shown, after = text_of(chunks[:at]), text_of(chunks[at + 1 :])
