@@ -238,11 +238,20 @@ async def metric(session: aiohttp.ClientSession, root: str, name: str) -> float:
 
 @asynccontextmanager
 async def serving(*args: str | Path) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """`backtrack serve ARGS --port P` as a user runs it, a subprocess, until /healthz answers (60 s at
+    """`backtrack serve ARGS --port P` as a user runs it (see `running`)."""
+    async with running("serve", *args) as served:
+        yield served
+
+
+@asynccontextmanager
+async def running(
+    command_name: str, *args: str | Path
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """`backtrack COMMAND ARGS --port P` as a user runs it, a subprocess, until /healthz answers (60 s at
     most: loading the guard model on a busy machine is slow): (its root URL, the process). Then it is
     terminated and must exit with status 0."""
     port = free_port()
-    command = [sys.executable, "-m", "proxy.cli.main", "serve", *map(str, args), "--port", str(port)]
+    command = [sys.executable, "-m", "proxy.cli.main", command_name, *map(str, args), "--port", str(port)]
     proc = await asyncio.create_subprocess_exec(
         *command, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
@@ -260,7 +269,7 @@ async def serving(*args: str | Path) -> AsyncIterator[tuple[str, asyncio.subproc
                 assert proc.returncode is None, await proc.stdout.read() if proc.stdout else b""
                 return False
 
-            await eventually(healthy, "backtrack serve to answer /healthz", seconds=60)
+            await eventually(healthy, f"backtrack {command_name} to answer /healthz", seconds=60)
         yield root, proc
     finally:
         if proc.returncode is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.servers import replay_command
 from tests.support import REPO, eventually, free_port
 
 ROWS = [
@@ -30,18 +31,7 @@ async def test_replay_upstream_answers_recorded_verdicts(tmp_path: Path) -> None
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"prompt": "hi", "response": "Hello there."}) + "\n", encoding="utf-8")
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "proxy.cli.main",
-        "replay-upstream",
-        "--data",
-        str(data),
-        "--judge",
-        str(verdicts),
-        "--port",
-        str(port),
-    ]
+    command = [*replay_command(data, port, None), "--judge", str(verdicts)]
     proc = await asyncio.create_subprocess_exec(*command, cwd=REPO, stderr=asyncio.subprocess.PIPE)
     root = f"http://127.0.0.1:{port}"
     try:

@@ -8,7 +8,6 @@ ordinary one passes untouched, and calls from many streams are scored in shared 
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,9 +15,8 @@ import aiohttp
 import pytest
 
 from guard.scorer import BUNDLED
-from tests.harness import Harness, metric
+from tests.harness import Harness, metric, running
 from tests.server.test_remote_judges import BENIGN, HARMFUL, PROMPT, REFUSAL, SHOWN, ask, judge_policy
-from tests.support import REPO, eventually, free_port
 
 pytestmark = pytest.mark.skipif(
     not (BUNDLED / "guard.safetensors").exists(), reason="no bundled guard checkpoint in guard/checkpoint/"
@@ -27,29 +25,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 async def guard_serve() -> AsyncIterator[str]:
-    """`backtrack guard-serve --port P` until /healthz answers (60 s at most: the model loads first)."""
-    port = free_port()
-    command = [sys.executable, "-m", "proxy.cli.main", "guard-serve", "--port", str(port)]
-    proc = await asyncio.create_subprocess_exec(
-        *command, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    root = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-
-            async def healthy() -> bool:
-                try:
-                    async with session.get(f"{root}/healthz") as resp:
-                        return resp.status == 200
-                except aiohttp.ClientConnectionError:
-                    assert proc.returncode is None, await proc.stdout.read() if proc.stdout else b""
-                    return False
-
-            await eventually(healthy, "guard-serve to answer /healthz", seconds=60)
+    """`backtrack guard-serve --port P` until /healthz answers (the model loads first)."""
+    async with running("guard-serve") as (root, _):
         yield root
-    finally:
-        proc.terminate()
-        await asyncio.wait_for(proc.communicate(), timeout=20)
 
 
 def served_policy(root: str) -> dict[str, Any]:
