@@ -19,7 +19,7 @@ from bench.litellm_peer import (
     litellm_guard_installed,
     litellm_installed,
 )
-from bench.suite_summary import sustained
+from bench.suite_summary import sustained, targets
 from proxy.cli.main import main
 
 WORDS = "bed holds red white blue yellow purple tulips roses irises daffodils asters describe the garden"
@@ -90,9 +90,12 @@ def test_a_tiny_run_of_direct_backtrack_and_the_guard_writes_tables_json_and_plo
     assert [row["streams"] for row in report["guard_roofline"]["rows"]] == [1]
     assert set(report["summary"]["sustained_streams"]) == set(paths)
     targets = report["summary"]["targets"]
-    assert len({t["target"] for t in targets}) == 4  # every target is listed, measured or not
-    assert all(t["met"] is None for t in targets if "LiteLLM" in t["target"])  # no LiteLLM to compare
-    assert [t["where"] for t in targets if t["target"].startswith("guard on")] == ["not run"]  # 50/s only
+    assert len({t["target"] for t in targets}) == 7  # every target is listed, measured or not
+    # The paced targets are for 50 tokens/s and the guard's for 32 streams: this run measured neither.
+    assert [t["target"] for t in targets if t["met"] is not None] == ["guard on: peak RSS ≤ 500 MB"]
+    rss = next(t for t in targets if "RSS" in t["target"])
+    guard_peak = max(p["peak_rss_bytes"] for p in report["peaks"] if p["path"] == "backtrack+guard")
+    assert rss["measured"] == f"{guard_peak / 2**20:.0f} MB"
     assert report["command"].startswith("backtrack bench all --concurrency 1 --rates 0,500 ")
     assert table.startswith("Machine: ")
     assert "### Upstream 500 tokens/s" in table and "### Guard against its roofline" in table
@@ -150,6 +153,30 @@ def test_a_paced_run_is_sustained_only_without_failures_cuts_unjudged_text_or_la
     assert sustained(row(unjudged=5.0)) is False
     assert sustained(row(slowdown={"p99": 1.5})) is False
     assert sustained(row(slowdown={"p99": None})) is False
+
+
+def test_the_speed_targets_are_read_from_the_paced_cells_the_guard_rows_and_the_peaks() -> None:
+    ratios = [
+        {"rate": 50.0, "path": "backtrack", "concurrency": n, "added_ttft_p50_ms": ttft,
+         "cpu_vs_litellm": cpu, "added_gap_p99_ms": 1.0}
+        for n, ttft, cpu in [(1, 1.5, 0.05), (16, 2.5, 0.08), (32, 4.0, 0.12)]
+    ] + [{"rate": 50.0, "path": "backtrack+guard", "concurrency": 32, "added_ttft_p50_ms": 500.0,
+          "cpu_vs_litellm": None, "added_gap_p99_ms": 40.0}]  # fmt: skip
+    report = {
+        "results": [{"rate": 50.0, "path": "backtrack+guard", "concurrency": 32, "sustained": True}],
+        "guard_roofline": {"rows": [{"streams": 32, "tokens_per_s": 2600.0, "roofline": 0.5}]},
+        "peaks": [{"rate": 50.0, "path": "backtrack+guard", "peak_rss_bytes": 600 * 2**20}],
+    }
+    met = {t["target"]: t["met"] for t in targets(report, ratios)}
+    assert met == {
+        "guard off: added TTFT p50 ≤ 2 ms at 1 streams": True,
+        "guard off: added TTFT p50 ≤ 2 ms at 16 streams": False,
+        "guard off: added TTFT p50 ≤ 5 ms at 32 streams": True,
+        "guard off: CPU / 1k chunks ≤ 0.1 x LiteLLM's": False,  # 0.12x at 32 streams
+        "guard on: ≥ 32 streams at 50 tokens/s, p99 added gap ≤ 50 ms": True,
+        "guard ≥ 2,500 tokens/s at 32 streams": True,
+        "guard on: peak RSS ≤ 500 MB": False,
+    }
 
 
 def test_bad_options_are_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
