@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,59 @@ def register(subparsers: Any) -> None:
 
 def register_guard_bench(bench_subparsers: Any) -> None:
     """Add `guard` under `backtrack bench`."""
+    from bench.command import number_list
+
     p = bench_subparsers.add_parser("guard", help="guard throughput and latency, incremental vs re-scoring")
     p.add_argument("--checkpoint", type=Path, default=None, help="guard checkpoint folder (default: bundled)")
-    p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64])
+    streams = number_list(int, 1, "stream counts", "give one or more stream counts, each at least 1")
+    p.add_argument("--streams", type=streams, nargs="+", default=[[1, 8, 32, 64]], help="e.g. 1,8,32")
     p.add_argument("--new-tokens", type=int, default=8, help="tokens per stream per feed")
     p.add_argument("--response-tokens", type=int, default=128, help="tokens per stream in total")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument(
+        "--precision",
+        type=_precisions,
+        default=("fp32",),
+        help="fp32, bf16, int8, or several (fp32,int8): a row each",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        nargs="?",
+        const=Path("-"),
+        default=None,
+        help="the results as JSON: on stdout (the table goes to stderr), or to the file given",
+    )
     p.set_defaults(func=_bench)
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    from guard.precision import PRECISIONS  # here, not at the top: it imports torch
+
+    chosen = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not chosen or set(chosen) - set(PRECISIONS):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give one or more of {', '.join(PRECISIONS)}, comma-separated"
+        )
+    return chosen
 
 
 def _bench(args: argparse.Namespace) -> int:
     from bench.guard import run_bench
 
-    results = run_bench(args.checkpoint, args.streams, args.new_tokens, args.response_tokens, args.threads)
-    if args.json is not None:
+    to_stdout = args.json == Path("-")
+    streams = [n for group in args.streams for n in group]
+    results = run_bench(
+        args.checkpoint,
+        streams,
+        args.new_tokens,
+        args.response_tokens,
+        args.threads,
+        args.precision,
+        log=sys.stderr if to_stdout else sys.stdout,
+    )
+    if to_stdout:
+        print(json.dumps(results, indent=2))
+    elif args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -4,7 +4,9 @@ For each number of concurrent streams, every stream feeds a response of `respons
 pieces of about `new_tokens` tokens and waits for each verdict before sending the next piece (as the
 proxy does). Reported: aggregate scored tokens/s, p50/p99 verdict latency, and the same workload done
 naively (each step re-reads prompt + whole prefix, batched across streams, no cache). The model's FLOPs
-per token and this CPU's measured matmul FLOP/s give the fraction of the roofline reached.
+per token and this CPU's measured matmul FLOP/s give the fraction of the roofline reached. With several
+precisions (`--precision fp32,int8`), each gets its rows in the same run, the fp32 FLOPs as the roofline's
+yardstick for all of them (int8 does the same work in cheaper arithmetic).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -107,11 +109,19 @@ class Setup:
     flops: float  # the model's FLOPs per token at that context
 
 
-def setup(checkpoint: Path | None, threads: int, response_tokens: int, new_tokens: int) -> Setup:
-    scorer = load_scorer(checkpoint, threads=threads)
+def setup(
+    checkpoint: Path | None,
+    threads: int,
+    response_tokens: int,
+    new_tokens: int,
+    precision: str = "fp32",
+    peak: float | None = None,
+) -> Setup:
+    """The scorer at `precision`; `peak` None: measure this CPU's matmul FLOP/s."""
+    scorer = load_scorer(checkpoint, threads=threads, precision=precision)
     torch.set_num_threads(threads)
     parts = pieces(scorer, response_tokens, new_tokens)
-    peak = matmul_flops(threads)
+    peak = peak or matmul_flops(threads)
     context = scorer.model.cfg.max_prompt_tokens // 2 + response_tokens // 2
     return Setup(scorer, parts, peak, context, scorer.model.flops_per_token(context))
 
@@ -126,52 +136,78 @@ async def started_incremental(scorer: BatchScorer, n_streams: int, parts: list[s
 
 
 def run_bench(
-    checkpoint: Path | None, streams: list[int], new_tokens: int, response_tokens: int, threads: int
+    checkpoint: Path | None,
+    streams: list[int],
+    new_tokens: int,
+    response_tokens: int,
+    threads: int,
+    precisions: tuple[str, ...] = ("fp32",),
+    log: TextIO = sys.stdout,
 ) -> dict[str, Any]:
-    s = setup(checkpoint, threads, response_tokens, new_tokens)
-    scorer, parts, peak, context, flops = s.scorer, s.parts, s.peak, s.context, s.flops
-    print(f"model: {flops / 1e6:.1f} MFLOP/token at context {context}; CPU matmul: {peak / 1e9:.1f} GFLOP/s")
-    head = ["streams", "tok/s", "p50 ms", "p99 ms", "roofline", "rescore tok/s", "speedup"]
-    print(" ".join(f"{h:>{w}}" for h, w in zip(head, [8, 9, 8, 8, 9, 14, 8], strict=True)))
-    rows = []
-    for n in streams:
-        inc = asyncio.run(started_incremental(scorer, n, parts))
-        naive = rescoring(scorer, n, parts)
-        row = {
-            "streams": n,
-            **inc,
-            "roofline": inc["tokens_per_s"] * flops / peak,
-            "rescore_tokens_per_s": naive["tokens_per_s"],
-            "speedup": inc["tokens_per_s"] / naive["tokens_per_s"],
-        }
-        rows.append(row)
-        print(
-            f"{n:>8} {row['tokens_per_s']:>9.0f} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} "
-            f"{row['roofline']:>9.1%} {row['rescore_tokens_per_s']:>14.0f} {row['speedup']:>7.1f}x"
-        )
+    """The table, one row per precision and stream count, printed to `log`; the results returned."""
+    rows: list[dict[str, Any]] = []
+    head = ["precision", "streams", "tok/s", "p50 ms", "p99 ms", "roofline", "rescore tok/s", "speedup"]
+    widths = [9, 8, 9, 8, 8, 9, 14, 8]
+    first: Setup | None = None
+    for precision in precisions:
+        s = setup(checkpoint, threads, response_tokens, new_tokens, precision, first.peak if first else None)
+        if first is None:
+            first = s
+            print(
+                f"model: {s.flops / 1e6:.1f} MFLOP/token at context {s.context}; "
+                f"CPU matmul: {s.peak / 1e9:.1f} GFLOP/s",
+                file=log,
+            )
+            print(" ".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)), file=log)
+        for n in streams:
+            inc = asyncio.run(started_incremental(s.scorer, n, s.parts))
+            naive = rescoring(s.scorer, n, s.parts)
+            row = {
+                "precision": precision,
+                "streams": n,
+                **inc,
+                "roofline": inc["tokens_per_s"] * first.flops / first.peak,
+                "rescore_tokens_per_s": naive["tokens_per_s"],
+                "speedup": inc["tokens_per_s"] / naive["tokens_per_s"],
+            }
+            rows.append(row)
+            print(
+                f"{precision:>9} {n:>8} {row['tokens_per_s']:>9.0f} {row['p50_ms']:>8.1f} "
+                f"{row['p99_ms']:>8.1f} {row['roofline']:>9.1%} {row['rescore_tokens_per_s']:>14.0f} "
+                f"{row['speedup']:>7.1f}x",
+                file=log,
+            )
+    assert first is not None  # argparse requires at least one precision
     return {
-        "flops_per_token": flops,
-        "matmul_flops": peak,
+        "flops_per_token": first.flops,
+        "matmul_flops": first.peak,
         "threads": threads,
         "new_tokens": new_tokens,
         "response_tokens": response_tokens,
+        "precisions": list(precisions),
         "rows": rows,
     }
 
 
-async def guard_roofline(checkpoint: Path, streams: list[int], threads: int) -> dict[str, Any]:
+async def guard_roofline(
+    checkpoint: Path, streams: list[int], threads: int, precision: str | None = None
+) -> dict[str, Any]:
     """The incremental workload at `backtrack bench guard`'s defaults, on the running event loop:
-    tokens/s and the share of the roofline (`backtrack bench all`'s last part).
+    tokens/s and the share of the roofline (`backtrack bench all`'s last part), at `precision` (None:
+    the proxy's default, `guard.precision` in the config).
     """
+    from proxy.core.config import ScorerConfig
+
+    precision = precision or ScorerConfig().precision
     response_tokens, new_tokens = 128, 8  # `backtrack bench guard`'s defaults
-    s = setup(checkpoint, threads, response_tokens, new_tokens)
+    s = setup(checkpoint, threads, response_tokens, new_tokens, precision)
     rows = []
     for n in streams:
         row: dict[str, Any] = {"streams": n, **await started_incremental(s.scorer, n, s.parts)}
         row["roofline"] = row["tokens_per_s"] * s.flops / s.peak
         rows.append(row)
         print(
-            f"  guard {n:>4} streams: {row['tokens_per_s']:.0f} tokens/s, {row['roofline']:.1%}",
+            f"  guard {n:>4} streams, {precision}: {row['tokens_per_s']:.0f} tokens/s, {row['roofline']:.1%}",
             file=sys.stderr,
         )
     return {
@@ -179,6 +215,7 @@ async def guard_roofline(checkpoint: Path, streams: list[int], threads: int) -> 
         "context": s.context,
         "matmul_flops": s.peak,
         "threads": threads,
+        "precision": precision,
         "new_tokens": new_tokens,
         "response_tokens": response_tokens,
         "rows": rows,

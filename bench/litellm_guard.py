@@ -2,10 +2,11 @@
 
 It runs inside LiteLLM's proxy, not Backtrack's: the bench copies this file next to a LiteLLM config
 that names `litellm_guard.handler` among its callbacks, and starts LiteLLM with this repository on
-PYTHONPATH (for `guard` and `proxy`) and the guard's checkpoint, logit bias and threshold as JSON in
-`BACKTRACK_BENCH_GUARD`. LiteLLM's streaming iterator hook gives it each chunk: the chunk goes
-out once the guard has scored its text (Backtrack with `holdback_tokens: 0` does the same); a reset ends
-the answer there. The scorer is the proxy's own `BatchScorer`, batching all of LiteLLM's live streams.
+PYTHONPATH (for `guard` and `proxy`) and the guard's settings as JSON in `BACKTRACK_BENCH_GUARD`:
+`checkpoint`, `logit_bias`, `threshold`, and optionally `precision` (default fp32) and torch `threads`
+(default 1). LiteLLM's streaming iterator hook gives it each chunk: the chunk goes out once the guard has
+scored its text (Backtrack with `holdback_tokens: 0` does the same); a reset ends the answer there. The
+scorer is the proxy's own `BatchScorer`, batching all of LiteLLM's live streams.
 """
 
 from __future__ import annotations
@@ -35,10 +36,20 @@ class BacktrackGuard(CustomLogger):  # type: ignore[misc]
         # The scorer's worker must live on LiteLLM's event loop, so the model loads with the first request.
         async with self._loading:
             if self._guard is None:
+                import torch
+
                 from guard.scorer import load_scorer
 
                 settings = json.loads(os.environ[SETTINGS_ENV])
-                scorer = await asyncio.to_thread(load_scorer, Path(settings["checkpoint"]))
+                # Set here, before any thread runs a torch op: a thread keeps the thread count it had at
+                # its first op, so a count set later (`load_scorer(threads=...)`, applied in `start`)
+                # misses the worker thread that loaded the model. One by default: torch's default of one
+                # per core had its workers contend with LiteLLM's event loop on the same two cores
+                # (40-47 CPU-ms per chunk at one unthrottled stream; 6-7 with one thread).
+                torch.set_num_threads(int(settings.get("threads", 1)))
+                scorer = await asyncio.to_thread(
+                    load_scorer, Path(settings["checkpoint"]), precision=settings.get("precision", "fp32")
+                )
                 await scorer.start()
                 self._guard = scorer.guard(
                     logit_bias=float(settings["logit_bias"]), threshold=float(settings["threshold"])

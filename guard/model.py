@@ -13,6 +13,7 @@ The head's logit at response token i says "`[RESET]` should be emitted after rea
 
 from __future__ import annotations
 
+import heapq
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -78,10 +79,125 @@ def resolve_base(base: str) -> Path:
 class Segment:
     """One stream's share of a packed incremental step."""
 
-    kv: Tensor  # (layers, 2, heads, capacity, head_dim), capacity >= past + n
-    past: int  # tokens already in the cache
+    slot: int  # its row of the `KVPool`
+    past: int  # tokens already in its cache
     start: int  # where its new tokens start in the packed batch
     n: int  # how many new tokens
+
+
+class KVPool:
+    """Every live stream's keys and values in one tensor, one slot (row) per stream.
+
+    One tensor rather than one per stream: a packed step attends over the slots it needs as one
+    contiguous view (no gather), and writes every stream's new keys in one indexed copy per layer.
+    Slots are handed out lowest first, so that the slots of the live streams stay a compact range.
+    Both dimensions grow by doubling (a copy of the pool, O(log) times); `clear` frees it when idle.
+    Its size is slots x capacity x layers x 2 x hidden floats: 18 KB a position for MiniLM-L6 in fp32,
+    so 32 slots of 256 positions are 151 MB (what 32 per-stream caches of that length took).
+    `acquire`/`release` are bookkeeping only; only `reserve` (in the pass) and `clear` (between passes)
+    replace the tensor, so a pass in a worker thread never sees it change under it.
+    """
+
+    def __init__(self, cfg: GuardConfig) -> None:
+        self.cfg = cfg
+        # (layers, 2, slots, capacity, heads, head_dim): a token's keys are one row, written in one copy.
+        self.kv: Tensor | None = None
+        self.free: list[int] = []  # a heap of released slots below `high`
+        self.high = 0  # slots 0..high-1 are handed out, but for those in `free`
+
+    @property
+    def live(self) -> int:
+        return self.high - len(self.free)
+
+    def acquire(self) -> int:
+        return heapq.heappop(self.free) if self.free else self._next()
+
+    def _next(self) -> int:
+        self.high += 1
+        return self.high - 1
+
+    def release(self, slot: int) -> None:
+        heapq.heappush(self.free, slot)
+        if self.live == 0:
+            self.free, self.high = [], 0
+
+    def reserve(self, slots: int, length: int, like: Tensor) -> Tensor:
+        """The pool, grown to hold `slots` slots of `length` positions, in `like`'s dtype and device."""
+        kv, cfg = self.kv, self.cfg
+        have_slots, have_len = (kv.shape[2], kv.shape[3]) if kv is not None else (0, 0)
+        if kv is not None and slots <= have_slots and length <= have_len:
+            return kv
+        new_slots = max(slots, 2 * have_slots) if slots > have_slots else have_slots
+        new_len = min(cfg.max_positions, max(64, 2 * length)) if length > have_len else have_len
+        H, D = cfg.n_heads, cfg.hidden // cfg.n_heads
+        grown = like.new_zeros(cfg.n_layers, 2, new_slots, new_len, H, D)
+        if kv is not None:
+            grown[:, :, :have_slots, :have_len] = kv
+        self.kv = grown
+        return grown
+
+    def clear(self) -> None:
+        """Free the tensor (call only while no pass runs); the next `reserve` allocates afresh."""
+        self.kv = None
+
+
+# A segment with more new tokens than this (a prefill, a rollover's replay) attends on its own, so that
+# it does not pad every other stream's few new tokens to its length.
+LONE_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Where a packed step's tokens go, and its masks: built once per pass, used by every layer.
+
+    Most segments attend together: the pool's slots `lo..hi` as a batch, each slot's new queries in a
+    row of `width`, keys up to `length`, with one padding + causal mask; slots in the range without a
+    segment (idle, or a lone segment's) and padded query rows see only key 0 (never an empty row: that
+    gives NaN), and their outputs are dropped.
+    """
+
+    dest: Tensor  # (N,) each packed token's row in a layer's (slots * capacity, H * D) keys
+    rows: Tensor  # (M,) the packed tokens of the batched segments
+    flat: Tensor  # (M,) their index in the (hi - lo) * width padded queries
+    lo: int
+    hi: int
+    width: int
+    length: int
+    mask: Tensor  # (hi - lo, 1, width, length) bool
+    lone: list[tuple[Segment, Tensor]]  # and their (n, past + n) causal masks
+
+    @classmethod
+    def build(cls, segments: list[Segment], capacity: int, device: torch.device) -> AttentionPlan:
+        def index(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        dest: list[int] = []
+        for s in segments:
+            dest += range(s.slot * capacity + s.past, s.slot * capacity + s.past + s.n)
+        batched = [s for s in segments if s.n <= LONE_TOKENS]
+        lone = [
+            (
+                s,
+                index(list(range(s.past + s.n)))[None, :]
+                <= index(list(range(s.past, s.past + s.n)))[:, None],
+            )
+            for s in segments
+            if s.n > LONE_TOKENS
+        ]
+        lo = min((s.slot for s in batched), default=0)
+        hi = max((s.slot + 1 for s in batched), default=0)
+        width = max((s.n for s in batched), default=0)
+        length = max((s.past + s.n for s in batched), default=0)
+        rows: list[int] = []
+        flat: list[int] = []
+        limit = [0] * ((hi - lo) * width)  # the last key each padded query may see
+        for s in batched:
+            at = (s.slot - lo) * width
+            rows += range(s.start, s.start + s.n)
+            flat += range(at, at + s.n)
+            limit[at : at + s.n] = range(s.past, s.past + s.n)
+        mask = index(list(range(length))) <= index(limit).view(hi - lo, 1, width, 1)
+        return cls(index(dest), index(rows), index(flat), lo, hi, width, length, mask, lone)
 
 
 class Block(nn.Module):
@@ -109,25 +225,41 @@ class Block(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         return self._rest(x, y.transpose(1, 2).reshape(B, T, C))
 
-    def forward_packed(self, x: Tensor, layer: int, segments: list[Segment]) -> Tensor:
+    def forward_packed(self, x: Tensor, kv: Tensor, plan: AttentionPlan) -> Tensor:
         """Incremental pass, inference only: x (N, C) holds every stream's new tokens back to back.
 
-        The matmuls run over all N tokens at once with no padding; attention runs per stream, against
-        that stream's own cache, into which this layer's new keys and values are written first.
+        The matmuls run over all N tokens at once with no padding. This layer's new keys and values go
+        into the pool `kv` (2, slots, capacity, H, D) first; then attention runs once for the batched
+        segments (padded, see `AttentionPlan`) and once per lone segment.
         """
         N, C = x.shape
         H, D = self.n_heads, C // self.n_heads
-        q, k, v = (t.view(N, H, D).transpose(0, 1) for t in self.qkv(x).split(C, dim=1))  # (H, N, D)
-        y = x.new_empty(H, N, D)  # the model's own dtype and device
-        for s in segments:
-            a, b, L = s.start, s.start + s.n, s.past
-            s.kv[layer, 0, :, L : L + s.n] = k[:, a:b]
-            s.kv[layer, 1, :, L : L + s.n] = v[:, a:b]
-            keys, values = s.kv[layer, 0, :, : L + s.n], s.kv[layer, 1, :, : L + s.n]  # (H, L+n, D)
-            cols, rows = torch.arange(L + s.n, device=x.device), torch.arange(s.n, device=x.device)
-            mask = cols[None, :] <= (L + rows)[:, None]  # (n, L+n)
-            y[:, a:b] = F.scaled_dot_product_attention(q[:, a:b], keys, values, attn_mask=mask)
-        return self._rest(x, y.transpose(0, 1).reshape(N, C))
+        q, k, v = self.qkv(x).split(C, dim=1)  # (N, C) each
+        S, cap = kv.shape[1], kv.shape[2]
+        kv[0].view(S * cap, C).index_copy_(0, plan.dest, k)
+        kv[1].view(S * cap, C).index_copy_(0, plan.dest, v)
+        q = q.reshape(N, H, D)
+        if plan.rows.numel():
+            R, W = plan.hi - plan.lo, plan.width
+            padded = q.new_zeros(R * W, H, D).index_copy_(0, plan.flat, q.index_select(0, plan.rows))
+            keys = kv[0, plan.lo : plan.hi, : plan.length].transpose(1, 2)  # (R, H, length, D): a view
+            values = kv[1, plan.lo : plan.hi, : plan.length].transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                padded.view(R, W, H, D).transpose(1, 2), keys, values, attn_mask=plan.mask
+            )  # (R, H, W, D)
+            batched = out.transpose(1, 2).reshape(R * W, H, D).index_select(0, plan.flat)
+        if not plan.lone:
+            y = batched  # every segment attended batched: its rows are all N tokens, in order
+        else:
+            y = x.new_empty(N, H, D)  # the model's own dtype and device
+            if plan.rows.numel():
+                y.index_copy_(0, plan.rows, batched)
+            for s, mask in plan.lone:
+                a, b, end = s.start, s.start + s.n, s.past + s.n
+                keys, values = kv[0, s.slot, :end].transpose(0, 1), kv[1, s.slot, :end].transpose(0, 1)
+                out = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), keys, values, attn_mask=mask)
+                y[a:b] = out.transpose(0, 1)  # (n, H, D)
+        return self._rest(x, y.reshape(N, C))
 
     def _rest(self, x: Tensor, y: Tensor) -> Tensor:
         x = self.ln1(x + self.drop(self.attn_out(y)))
@@ -176,15 +308,20 @@ class GuardModel(nn.Module):
         """Full causal pass over right-padded sequences: (B, T) -> logits (B, T)."""
         return self.upper(self.lower(ids, types))
 
-    def step(self, ids: Tensor, types: Tensor, positions: Tensor, segments: list[Segment]) -> Tensor:
+    def step(
+        self, ids: Tensor, types: Tensor, positions: Tensor, segments: list[Segment], pool: KVPool
+    ) -> Tensor:
         """Incremental pass over packed new tokens (N,) of many streams: logits (N,).
 
-        Each segment's cache must have room for its new tokens; their keys and values are written there.
+        Each segment's slot in `pool` gets its new keys and values; the pool grows to fit them.
         """
         x = self.embed(ids[None], types[None], positions[None])[0]  # (N, C)
+        slots = max(s.slot for s in segments) + 1
+        kv = pool.reserve(slots, max(s.past + s.n for s in segments), x)
+        plan = AttentionPlan.build(segments, kv.shape[3], x.device)
         for i, block in enumerate(self.blocks):
             assert isinstance(block, Block)  # ModuleList items are typed as Module
-            x = block.forward_packed(x, i, segments)
+            x = block.forward_packed(x, kv[i], plan)
         logits: Tensor = self.head(x).squeeze(-1)
         return logits
 
@@ -256,7 +393,7 @@ def _hf_to_guard(sd: dict[str, Tensor], n_layers: int) -> dict[str, Tensor]:
 
 def from_base(base: str, **overrides: Any) -> GuardModel:
     """A fresh guard: base encoder weights, untrained head."""
-    from transformers import AutoModel
+    from guard.weights import read_state
 
     folder = resolve_base(base)
     hf_cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -264,9 +401,11 @@ def from_base(base: str, **overrides: Any) -> GuardModel:
     if cfg.scratch_layers:
         cfg = replace(cfg, n_layers=cfg.scratch_layers, n_trainable_layers=cfg.scratch_layers)
     model = GuardModel(cfg)
-    hf_model = AutoModel.from_pretrained(str(folder))
     base_layers = 0 if cfg.scratch_layers else cfg.n_layers
-    missing, _ = model.load_state_dict(_hf_to_guard(hf_model.state_dict(), base_layers), strict=False)
+    # assign: the model keeps read_state's tensors (mostly file-mapped, see guard/weights.py) instead of
+    # copying them into its own freshly initialised ones, which are freed.
+    state = _hf_to_guard(read_state(folder), base_layers)
+    missing, _ = model.load_state_dict(state, strict=False, assign=True)
     expected_missing = {"head.weight", "head.bias", "type_emb.weight"}
     if cfg.scratch_layers:
         expected_missing |= {k for k in missing if k.startswith("blocks.")}

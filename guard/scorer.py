@@ -8,8 +8,8 @@ Theory of operation:
   waiting feeds; when `queue_size` streams already wait, a feed raises `GuardOverloaded` (its tokens stay
   pending and are scored with that stream's next feed, so the cache never loses text).
 - One worker takes queued streams until `max_batch_tokens`, runs one forward pass over all of their
-  pending tokens against their padded KV caches in a thread (the event loop never blocks), appends the
-  new keys/values to each cache, and wakes the waiting feeds.
+  pending tokens in a thread (the event loop never blocks), writing their keys/values into each stream's
+  slot of one `KVPool` and attending in one batched call, and wakes the waiting feeds.
 - A feed cancelled by the caller's timeout leaves its tokens pending; the worker scores them anyway
   and the stream's next feed catches up, so cancellation never desynchronises a cache.
 - When a stream reaches the model's position limit it rolls over: the cache restarts from the prompt and
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from guard.model import GuardModel, Segment, load_checkpoint, resolve_base
+from guard.model import GuardModel, KVPool, Segment, load_checkpoint, resolve_base
+from guard.precision import with_precision
 from guard.tokenize import GuardTokenizer, IncrementalTokenizer
 from proxy.core.detectors import Reset, Verdict
 from proxy.core.errors import GuardError, GuardOverloaded
@@ -42,7 +42,7 @@ BUNDLED = Path(__file__).resolve().parent / "checkpoint"
 class StreamState:
     prompt_ids: list[int]
     pending: list[tuple[int, int, bool]]  # (token id, token type, whether its logit is wanted)
-    kv: Tensor | None = None  # (layers, 2, heads, capacity, head_dim)
+    slot: int | None = None  # its keys and values in the scorer's `KVPool`, from its first pass
     length: int = 0  # tokens in the cache
     response_ids: list[int] = field(default_factory=list)  # all response tokens submitted
     logits: list[float] = field(default_factory=list)  # one per scored response token
@@ -76,6 +76,7 @@ class BatchScorer:
         self.queue_size = queue_size
         self.rollover_keep = rollover_keep
         self.threads = threads
+        self.pool = KVPool(model.cfg)
         self.queue: deque[StreamState] = deque()
         self.wake = asyncio.Event()
         self.worker: asyncio.Task[None] | None = None
@@ -130,7 +131,7 @@ class BatchScorer:
 
     def close_state(self, state: StreamState) -> None:
         state.closed = True
-        state.kv = None
+        self._release(state)
         for _, fut in state.waiters:
             fut.cancel()
         state.waiters.clear()
@@ -155,6 +156,8 @@ class BatchScorer:
                     self.on_batch(len(items))
                 for item, row in zip(items, logits, strict=True):
                     self._finish(item, row)
+            if not self.pool.live:
+                self.pool.clear()  # no pass runs now, and no stream holds keys: give the memory back
 
     def _take_batch(self) -> list[_Item]:
         items: list[_Item] = []
@@ -166,6 +169,8 @@ class BatchScorer:
             state.queued = False
             if state.closed or not state.pending:
                 continue
+            if state.slot is None:
+                state.slot = self.pool.acquire()
             if state.length + min(len(state.pending), share, budget) > self.model.cfg.max_positions:
                 self._rollover(state)
             n = min(len(state.pending), share, budget, self.model.cfg.max_positions - state.length)
@@ -184,7 +189,6 @@ class BatchScorer:
     def _finish(self, item: _Item, row: list[float]) -> None:
         state = item.state
         if state.closed:
-            state.kv = None
             return
         state.logits += [x for x, (_, _, wanted) in zip(row, item.take, strict=True) if wanted]
         done = len(state.logits)
@@ -207,34 +211,29 @@ class BatchScorer:
                 fut.set_exception(exc)
         state.waiters.clear()
 
+    def _release(self, state: StreamState) -> None:
+        if state.slot is not None:
+            self.pool.release(state.slot)
+            state.slot = None
+
     @torch.no_grad()
     def _forward(self, items: list[_Item]) -> list[list[float]]:
         """One packed pass over every item's new tokens; runs in a worker thread."""
-        cfg = self.model.cfg
-        H, D = cfg.n_heads, cfg.hidden // cfg.n_heads
-        weight = self.model.head.weight  # caches and inputs follow the model's dtype and device
         ids: list[int] = []
         types: list[int] = []
         positions: list[int] = []
         segments: list[Segment] = []
         for it in items:
             n, L = len(it.take), it.state.length
-            kv = it.state.kv
-            if kv is None or kv.shape[3] < L + n:
-                # Grow by doubling: a cache is copied O(log length) times, not at every step.
-                size = min(cfg.max_positions, max(64, 2 * (L + n)))
-                grown = weight.new_zeros(cfg.n_layers, 2, H, size, D)
-                if kv is not None and L:
-                    grown[:, :, :, :L] = kv[:, :, :, :L]
-                kv = it.state.kv = grown
-            segments.append(Segment(kv, L, len(ids), n))
+            assert it.state.slot is not None  # `_take_batch` gave it one
+            segments.append(Segment(it.state.slot, L, len(ids), n))
             ids += [t for t, _, _ in it.take]
             types += [ty for _, ty, _ in it.take]
             positions += range(L, L + n)
-        dev = weight.device
+        dev = self.model.tok_emb.weight.device  # the pool follows the model's dtype and device
         logits = self.model.step(
             torch.tensor(ids, device=dev), torch.tensor(types, device=dev),
-            torch.tensor(positions, device=dev), segments,
+            torch.tensor(positions, device=dev), segments, self.pool,
         )  # fmt: skip
         out = logits.tolist()
         for it, seg in zip(items, segments, strict=True):
@@ -319,10 +318,16 @@ def load_scorer(
     max_batch_tokens: int = 512,
     queue_size: int = 256,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> BatchScorer:
-    """A scorer for a guard checkpoint (None: the bundled one) on its base (None: the one it names)."""
+    """A scorer for a guard checkpoint (None: the bundled one) on its base (None: the one it names), at
+    `precision` (`guard.precision.PRECISIONS`)."""
     model, _ = load_checkpoint(checkpoint or BUNDLED, base)
     tokenizer = GuardTokenizer(resolve_base(base or model.cfg.base))
     return BatchScorer(
-        model, tokenizer, max_batch_tokens=max_batch_tokens, queue_size=queue_size, threads=threads
+        with_precision(model, precision),
+        tokenizer,
+        max_batch_tokens=max_batch_tokens,
+        queue_size=queue_size,
+        threads=threads,
     )

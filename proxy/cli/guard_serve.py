@@ -22,6 +22,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
     parser.add_argument("--queue-size", type=int, default=4096)
     parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="the guard's arithmetic (default: fp32)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument(
         "--api-key-env", help="environment variable holding the key callers must send (default: none needed)"
     )
     parser.set_defaults(func=main)
@@ -38,7 +45,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"backtrack guard-serve: {args.api_key_env} is not set", file=sys.stderr)
         return 2
     scorer = load_scorer(
-        args.checkpoint, args.base, max_batch_tokens=args.max_batch_tokens, queue_size=args.queue_size
+        args.checkpoint,
+        args.base,
+        max_batch_tokens=args.max_batch_tokens,
+        queue_size=args.queue_size,
+        threads=args.threads,
+        precision=args.precision,
     )
     print(f"guard-serve: listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     web.run_app(create_guard_app(scorer, key), host=args.host, port=args.port, print=None, access_log=None)

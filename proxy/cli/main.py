@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, help="worker processes sharing the port (default: from config, 1)"
     )
+    serve.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        help="event loop (default: from config, auto: uvloop when installed, else asyncio's)",
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=serve_command)
 
@@ -55,12 +60,18 @@ def serve_command(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = load_settings(
-        args.config, host=args.host, port=args.port, upstream=args.upstream, workers=args.workers
+        args.config,
+        host=args.host,
+        port=args.port,
+        upstream=args.upstream,
+        workers=args.workers,
+        event_loop=args.loop,
     )
     if settings.redis_url is not None:
         from proxy.state.redis_url import check
 
         check(settings.redis_url)  # a malformed URL stops `serve` here, once, not in each worker
+    loop_factory(settings.server.event_loop)  # uvloop asked for and missing stops `serve` here, once
     if settings.server.workers > 1:
         from proxy.cli.workers import supervise
 
@@ -92,12 +103,26 @@ def run_server(
     app = create_app(settings)
     app.cleanup_ctx.append(sighup_ctx)  # a signal handler is the process's: only the command installs it
     try:
-        asyncio.run(serve(app, settings.server, on_listening, reuse_port=reuse_port))
+        with asyncio.Runner(loop_factory=loop_factory(settings.server.event_loop)) as runner:
+            runner.run(serve(app, settings.server, on_listening, reuse_port=reuse_port))
     except OSError as exc:  # the address is taken or not ours to listen on
         where = f"{settings.server.host}:{settings.server.port}"
         print(f"backtrack: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop `server.event_loop` asks for (None: asyncio's default)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("'server.event_loop' has value 'uvloop', which is not installed") from None
+        return None
+    return uvloop.new_event_loop
 
 
 async def serve(

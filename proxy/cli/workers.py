@@ -241,7 +241,9 @@ def worker_main(args: argparse.Namespace, port: int, listening: Event) -> None:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     # Read again, not pickled across: the supervisor checked the same file a moment ago.
-    settings = load_settings(args.config, host=args.host, port=port, upstream=args.upstream, workers=1)
+    settings = load_settings(
+        args.config, host=args.host, port=port, upstream=args.upstream, workers=1, event_loop=args.loop
+    )
     parent = multiprocessing.parent_process()
 
     def on_listening(stop: asyncio.Event) -> None:

@@ -44,6 +44,14 @@ class LineSplitter:
         if self.failed:
             return []
         buffer = self._buffer
+        if not buffer and len(chunk) <= self.max_line_bytes and not (self._cr and b"\r" in chunk):
+            # The common case, an upstream chunk that starts a line: split in one call. No line of it can
+            # be over the limit, and its unfinished last line (if any) holds no line end.
+            *lines, rest = chunk.split(b"\n")
+            if rest:
+                buffer += rest
+                self._scan = len(rest)
+            return list(lines)
         buffer += chunk
         out: list[bytes | TooLong] = []
         start = 0

@@ -8,6 +8,10 @@ upstream that closes before `[DONE]` while a choice is unfinished: a cut answer 
 whole one. `OpenAIEncoder` turns the engine's outputs back into chunks that look like the upstream's
 own: same id, model, created and unknown top-level fields.
 
+A chunk with one choice, text and no finish (nearly every chunk of a stream) is also kept as it came
+(`Forwardable`): when the engine releases its piece whole, on the first attempt, the codec sends the
+upstream's own event data instead of encoding the chunk again, which is the same chunk, field for field.
+
 Chat chunks carry text in `choices[i].delta.content`; completions chunks in `choices[i].text`.
 """
 
@@ -16,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from proxy.core.engine import Piece, ResetEvent
 from proxy.core.errors import ClientError
@@ -44,10 +48,24 @@ from proxy.dialects.sse import SSEDecoder, SSEEvent, TooLong, encode_sse
 
 # The neutral events are re-exported: they were born here, and callers import them from here.
 __all__ = [
-    "DONE", "ChoiceFinish", "ChoicePiece", "Done", "Event", "OpenAICodec", "OpenAIDecoder", "OpenAIEncoder",
+    "DONE", "ChoiceFinish", "ChoicePiece", "Done", "Event", "Forwardable", "OpenAICodec", "OpenAIDecoder",
+    "OpenAIEncoder",
     "OpenAIRequest", "Passthrough", "UpstreamFailure", "Usage", "data_line", "error_object", "in_band_error",
     "parse_request", "reset_object", "response_text", "set_response_text",
 ]  # fmt: skip
+
+
+class Forwardable(dict[str, Any]):
+    """A piece's choice (its `Piece.extra`), as any other, that also keeps the event's data as the
+    upstream sent it: the chunk whose only choice it was, without a finish or usage."""
+
+    __slots__ = ("data", "envelope", "text")
+
+    def __init__(self, choice: JSON, data: str, envelope: tuple[Any, Any], text: str) -> None:
+        super().__init__(choice)
+        self.data = data  # the SSE event's data: the upstream's JSON text of the chunk
+        self.envelope = envelope  # the chunk's (id, created)
+        self.text = text  # the choice's text as it came: a piece cut by a reset no longer matches it
 
 
 class OpenAIDecoder:
@@ -91,6 +109,9 @@ class OpenAIDecoder:
                 return [Usage(chunk)]
             return [UpstreamFailure(_error("upstream sent an event that is not a completion chunk"))]
         self.template = {k: v for k, v in chunk.items() if k not in ("choices", "usage")}
+        usage = chunk.get("usage")
+        # The event can go to the client as it came only when it is one choice's piece and nothing more.
+        whole = data if len(choices) == 1 and not usage else None
         out: list[Event] = []
         for choice in choices:
             delta = choice.get("delta", {}) if isinstance(choice, dict) else None
@@ -100,21 +121,24 @@ class OpenAIDecoder:
                 or (self.chat and delta is not None and not isinstance(delta, dict))
             ):
                 return [UpstreamFailure(_error("upstream sent a malformed choice"))]
-            out += self._choice(choice)
-        if chunk.get("usage") and not choices:
+            envelope = (chunk.get("id"), chunk.get("created"))
+            out += self._choice(choice, whole, envelope)
+        if usage and not choices:
             out.append(Usage(chunk))
-        elif chunk.get("usage"):
-            out.append(Usage({**self.template, "choices": [], "usage": chunk["usage"]}))
+        elif usage:
+            out.append(Usage({**self.template, "choices": [], "usage": usage}))
         return out
 
-    def _choice(self, choice: JSON) -> list[Event]:
+    def _choice(self, choice: JSON, data: str | None, envelope: tuple[Any, Any]) -> list[Event]:
         index = choice.get("index", 0)
+        reason = choice.get("finish_reason")
         rest = {k: v for k, v in choice.items() if k != "finish_reason"}
         text = _get_text(rest, self.chat)
         out: list[Event] = []
         if text or _carries_more(rest, self.chat):
-            out.append(ChoicePiece(index, Piece(text, rest)))
-        reason = choice.get("finish_reason")
+            # A finishing chunk is never sent as it came: its finish goes out with the engine's reason.
+            extra = rest if data is None or reason is not None else Forwardable(rest, data, envelope, text)
+            out.append(ChoicePiece(index, Piece(text, extra)))
         self._open.add(index)
         if reason is not None:
             self._open.discard(index)
@@ -193,6 +217,11 @@ class OpenAIEncoder:
 
 def data_line(obj: JSON) -> bytes:
     return encode_sse(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+
+
+def _wire(data: str) -> bytes:
+    """An event's data as one SSE event again (its data lines rejoined if it had several)."""
+    return f"data: {data}\n\n".encode() if "\n" not in data else encode_sse(data)
 
 
 DONE = b"data: [DONE]\n\n"
@@ -333,9 +362,11 @@ class OpenAICodec(Codec):
         self.identity: JSON = {}
         self.template: JSON = {}
         self.role_sent: set[int] = set()  # choices whose role the client has; a regeneration repeats it
+        self.attempts = 0
 
     def begin_attempt(self) -> None:
         self.decoder = OpenAIDecoder(chat=self.chat, max_line_bytes=self.max_line_bytes)
+        self.attempts += 1
 
     def feed(self, data: bytes) -> list[Event]:
         return self._envelope(self.decoder.feed(data))
@@ -356,7 +387,22 @@ class OpenAICodec(Codec):
             extra = _without_role(extra)  # SDKs concatenate a repeated role: "assistantassistant"
         elif isinstance(extra, dict) and "role" in (extra.get("delta") or {}):
             self.role_sent.add(index)
+        if self._as_it_came(index, piece, extra):
+            return _wire(extra.data)
         return self.encoder.piece(self.template, index, Piece(piece.text, extra, piece.received))
+
+    def _as_it_came(self, index: int, piece: Piece, extra: Any) -> TypeGuard[Forwardable]:
+        """Whether the upstream's own chunk is the one the encoder would build: the piece is whole,
+        its role is not a repeat (`_without_role` gave a copy), and the first attempt gave it (later
+        ones take the first attempt's id, and may stand in for another choice index)."""
+        return (
+            type(extra) is Forwardable
+            and extra is piece.extra
+            and extra.text == piece.text
+            and self.attempts <= 1
+            and extra.get("index", 0) == index
+            and extra.envelope == (self.identity.get("id"), self.identity.get("created"))
+        )
 
     def reset(self, index: int, event: ResetEvent) -> bytes:
         notice = self.piece(index, Piece(event.notice)) if event.notice else b""

@@ -97,6 +97,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await app[UPSTREAM].close()
         await session.close()
         if demo is not None:
             await demo.cleanup()
@@ -125,6 +126,8 @@ async def model_ctx(app: web.Application) -> AsyncIterator[None]:
             settings.guard.base,
             max_batch_tokens=settings.guard.max_batch_tokens,
             queue_size=settings.guard.queue_size,
+            threads=settings.guard.threads,
+            precision=settings.guard.precision,
         )
         scorer.on_batch = app[METRICS].guard_batch_size.observe
         await scorer.start()

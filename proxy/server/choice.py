@@ -82,6 +82,8 @@ class GuardedResponse:
         self.choices: dict[int, Choice] = {}
         self.on_event = on_event  # told of each reset and flag (the audit log, strikes)
         self.tap = tap
+        # Observed for every released piece: the labelled series is looked up once, not per chunk.
+        self._holdback_delay = metrics.holdback_delay.labels(labels.policy)
 
     def choice(self, index: int, prefill: str = "") -> Choice:
         """Choice `index`; a new one reads the client's `prefill` first, as the start of its answer."""
@@ -212,7 +214,7 @@ class GuardedResponse:
 
     def observe_release(self, received: float) -> None:
         if received:
-            self.metrics.holdback_delay.labels(self.labels.policy).observe(time.monotonic() - received)
+            self._holdback_delay.observe(time.monotonic() - received)
 
     def close(self) -> None:
         for choice in self.choices.values():

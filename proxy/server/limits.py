@@ -106,9 +106,13 @@ class StreamWatch:
 
     def _stalled(self, now: float, transport: asyncio.BaseTransport) -> bool:
         """Writes have been paused, with nothing drained, for `write_timeout_seconds`."""
-        protocol = self.request.protocol
-        buffered = transport.get_write_buffer_size() if isinstance(transport, asyncio.WriteTransport) else 0
-        if not protocol.writing_paused or buffered < self._buffered:
+        if not self.request.protocol.writing_paused:  # the common case, checked for every chunk
+            self._paused_since, self._buffered = None, 0
+            return False
+        # Asked of the object, not by isinstance: uvloop's transports do not subclass asyncio's.
+        size = getattr(transport, "get_write_buffer_size", None)
+        buffered = size() if size is not None else 0
+        if buffered < self._buffered:
             self._paused_since, self._buffered = None, buffered
             return False
         self._buffered = buffered

@@ -182,6 +182,7 @@ class Relay:
         self.marker = policy.detectors.marker.token
         self.response: web.StreamResponse | None = None  # once set, the client has the headers
         self.upstream_done = False  # the current upstream response has ended
+        self.said_done = False  # ... with the dialect's own end (not a failure)
         self.ended = False  # the client's stream has its end (or an in-band error)
         self.pending: list[int] = []  # choices waiting to be asked for again, in order
         self.target: int | None = None  # the choice a regeneration request answers (None: all of them)
@@ -264,6 +265,8 @@ class Relay:
                     if self.target is not None:
                         self.guarded.begin_again(self.guarded.choices[self.target])
                     await self._relay(request, self.response, up, sink)
+                    if self.said_done:
+                        self.upstream.read_out(up)
             except UpstreamError as exc:
                 if self.response is None:
                     raise
@@ -271,30 +274,38 @@ class Relay:
                 self._count_upstream_error(type(exc).__name__, exc.message)
                 unanswered = self.target is not None and self._state(self.target) is State.REGENERATING
                 failed = self._give_up(sink) if unanswered else self._abandon(exc.message, exc.kind)
-                await self.response.write(failed)
+                await self._send(self.response, failed)
             if not self.pending:
                 break
             self.target = self.pending.pop(0)
             body = self.next_body(self.target)
         if not self.ended:
-            await self.response.write(await self._end_all(sink))
+            await self._send(self.response, await self._end_all(sink))
         return self.response
+
+    async def _send(self, response: web.StreamResponse, data: bytes) -> None:
+        """Write `data`; the stream's last bytes go out with the body's terminator in one write, so the
+        client (whose SDK reads on to the end of the body) is not kept waiting for a second one."""
+        if self.ended:
+            await response.write_eof(data)
+        else:
+            await response.write(data)
 
     async def _relay(
         self, request: web.Request, response: web.StreamResponse, up: ClientResponse, sink: Sink
     ) -> None:
         """One upstream response, until it ends or has nothing left for the choices it answers."""
         self.codec.begin_attempt()
-        self.upstream_done = False
+        self.upstream_done = self.said_done = False
         async for data in read_chunks(up):
             # While text is held back nothing is written, and only a write notices a gone client (the
             # watch also looks while the upstream is silent).
             self.watch.count(data)
             self.watch.check()
-            await response.write(await self._handle(self.codec.feed(data), sink))
+            await self._send(response, await self._handle(self.codec.feed(data), sink))
             if self.upstream_done or self._waits_for_another():
                 return
-        await response.write(await self._handle(self.codec.flush(), sink))
+        await self._send(response, await self._handle(self.codec.flush(), sink))
 
     def _waits_for_another(self) -> bool:
         """None of the choices this upstream response answers is still streaming, and one waits to be
@@ -330,7 +341,7 @@ class Relay:
                 out += self._abandon(message, "upstream_error", event.error)
                 return bytes(out)
             elif isinstance(event, Done):
-                self.upstream_done = True
+                self.upstream_done = self.said_done = True
         for choice in touched.values():
             out += self.emit(choice, await self.guarded.score(choice), sink)
         if self.upstream_done and not self.pending:

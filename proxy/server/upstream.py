@@ -24,11 +24,19 @@ FORWARDED_HEADERS = (
 )  # fmt: skip
 
 
+# A response read to its dialect's end usually has only the body's terminator left; it is read in the
+# background, at most this long and this much, so that its connection goes back to the pool.
+READ_OUT_SECONDS = 2.0
+READ_OUT_BYTES = 64 * 1024
+
+
 class Upstream:
     def __init__(self, config: UpstreamConfig, url: str, session: aiohttp.ClientSession) -> None:
         self.config = config
         self.url = url.rstrip("/")
         self.session = session
+        self._read_out: set[aiohttp.ClientResponse] = set()  # handed over by `read_out`, not closed
+        self._reading: set[asyncio.Task[None]] = set()
 
     def headers(self, client_headers: Mapping[str, str]) -> dict[str, str]:
         out = {k: v for k, v in client_headers.items() if k.lower() in FORWARDED_HEADERS}
@@ -63,8 +71,49 @@ class Upstream:
         try:
             yield resp
         finally:
-            # close(), not release(): an unread body means the client left; the upstream must see it.
-            resp.close()
+            if resp in self._read_out:
+                self._read_out.discard(resp)
+                self._read_rest(resp)
+            else:
+                # close(), not release(): an unread body means the client left; the upstream must see it.
+                resp.close()
+
+    def read_out(self, resp: aiohttp.ClientResponse) -> None:
+        """The relay has all it needs of `resp` (the stream's end came): rather than close it when its
+        block exits, read the rest (the body's terminator) so that the connection is kept for the next
+        request, which then skips a connect (and, for https, a TLS handshake)."""
+        self._read_out.add(resp)
+
+    def _read_rest(self, resp: aiohttp.ClientResponse) -> None:
+        if resp.content.at_eof():
+            resp.close()  # the connection went back to the pool when the body ended: nothing to close
+            return
+        task = asyncio.create_task(_drain(resp), name="upstream-read-out")
+        self._reading.add(task)
+        task.add_done_callback(self._reading.discard)
+
+    async def close(self) -> None:
+        """Stop reading out responses (their connections are closed), before the session closes."""
+        for task in list(self._reading):
+            task.cancel()
+        await asyncio.gather(*self._reading, return_exceptions=True)
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    """Read `resp` to its end, within bounds; at the end the connection is back in the pool, else
+    (too slow, too much, broken) it is closed as before."""
+    try:
+        async with asyncio.timeout(READ_OUT_SECONDS):
+            size = 0
+            while size <= READ_OUT_BYTES and (data := await resp.content.readany()):
+                size += len(data)
+    except (TimeoutError, aiohttp.ClientError, asyncio.IncompleteReadError):
+        pass
+    except RuntimeError as exc:  # aiohttp's "Connection closed." (see `read_chunks`)
+        if str(exc) != "Connection closed.":
+            raise
+    finally:
+        resp.close()
 
 
 async def read_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

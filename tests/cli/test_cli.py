@@ -145,3 +145,30 @@ def test_serve_on_a_port_that_is_taken_exits_1_without_a_traceback() -> None:
     assert "address already in use" in result.stderr
     assert "Traceback" not in result.stderr
     assert "serving on" not in result.stdout
+
+
+def test_the_event_loop_is_uvloop_unless_the_config_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvloop
+
+    from proxy.cli.main import loop_factory
+    from proxy.core.errors import ConfigError
+
+    assert loop_factory("auto") is uvloop.new_event_loop
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is None  # asyncio's own
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    assert loop_factory("auto") is None
+    with pytest.raises(ConfigError) as refused:
+        loop_factory("uvloop")
+    assert refused.value.message == "'server.event_loop' has value 'uvloop', which is not installed"
+
+
+async def test_serve_on_asyncio_s_own_loop_relays_the_same(harness: Harness) -> None:
+    upstream = await harness.replay()
+    config = harness.write_config(upstream)
+
+    async with serving("--config", config, "--loop", "asyncio") as (root, _):
+        chunks = await chat_stream(root, BENIGN["prompt"])
+
+    assert text_of(chunks) == BENIGN["response"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"

@@ -7,6 +7,7 @@ from proxy.dialects.openai import (
     ChoiceFinish,
     ChoicePiece,
     Done,
+    OpenAICodec,
     OpenAIDecoder,
     OpenAIEncoder,
     UpstreamFailure,
@@ -124,3 +125,54 @@ def test_a_null_content_stays_null_and_text_replaces_it():
     assert obj["choices"][0]["delta"] == {"content": None, "tool_calls": [{"index": 0, "id": "t1"}]}
     obj = decode_chunk(OpenAIEncoder().piece(ENVELOPE, 0, Piece("Hi", extra)))
     assert obj["choices"][0]["delta"]["content"] == "Hi"
+
+
+# -- chunks sent as they came -------------------------------------------------------------------------
+
+
+def codec_pieces(codec: OpenAICodec, wire: bytes) -> list[ChoicePiece]:
+    return [e for e in codec.feed(wire) if isinstance(e, ChoicePiece)]
+
+
+def test_a_whole_piece_goes_out_as_the_upstream_sent_it():
+    codec = OpenAICodec(chat=True)
+    codec.begin_attempt()
+    wire = b'data: {"id": "c1", "created": 1, "choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'
+    (event,) = codec_pieces(codec, wire)
+    assert codec.piece(0, event.piece) == wire
+
+
+def test_a_piece_cut_by_a_reset_is_encoded_with_only_its_kept_text():
+    codec = OpenAICodec(chat=True)
+    codec.begin_attempt()
+    (event,) = codec_pieces(codec, chunk([{"index": 0, "delta": {"content": "Hi [RESET]bad"}}]))
+    sent = decode_chunk(codec.piece(0, Piece("Hi ", event.piece.extra)))
+    assert sent["choices"][0]["delta"]["content"] == "Hi "
+    assert "bad" not in json.dumps(sent)
+
+
+def test_a_finishing_or_many_choice_chunk_is_encoded_again():
+    codec = OpenAICodec(chat=True)
+    codec.begin_attempt()
+    two = [{"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}]
+    _, second = codec_pieces(codec, chunk(two))
+    assert decode_chunk(codec.piece(1, second.piece))["choices"] == [
+        {"index": 1, "delta": {"content": "b"}, "finish_reason": None}
+    ]
+    (last,) = codec_pieces(codec, chunk([{"index": 0, "delta": {"content": "."}, "finish_reason": "stop"}]))
+    # The piece's chunk says nothing of the finish: the finish chunk that follows carries it, once.
+    assert decode_chunk(codec.piece(0, last.piece))["choices"][0]["finish_reason"] is None
+
+
+def test_a_regenerated_answer_keeps_the_first_id_and_sends_its_role_once():
+    codec = OpenAICodec(chat=True)
+    codec.begin_attempt()
+    role = [{"index": 0, "delta": {"role": "assistant", "content": ""}}]
+    (event,) = codec_pieces(codec, chunk(role))
+    codec.piece(0, event.piece)
+    codec.begin_attempt()
+    again = b"data: " + json.dumps({**ENVELOPE, "id": "c2", "choices": role}).encode() + b"\n\n"
+    (event,) = codec_pieces(codec, again)
+    sent = decode_chunk(codec.piece(0, event.piece))
+    assert sent["id"] == "c1"
+    assert sent["choices"][0]["delta"] == {"content": ""}

@@ -1,4 +1,5 @@
-"""The bundled checkpoint on its base package: a benign answer passes, a harmful one resets."""
+"""The bundled checkpoint on its base package, at each precision: a benign answer passes, a harmful one
+resets."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ HARMFUL = (
 )
 
 
-@pytest.fixture(scope="module")
-def scorer() -> BatchScorer:
-    return load_scorer()  # loaded once: most of these tests' time is loading the base model
+@pytest.fixture(scope="module", params=["fp32", "bf16", "int8"])
+def scorer(request: pytest.FixtureRequest) -> BatchScorer:
+    # Loaded once per precision: most of these tests' time is loading the base model.
+    return load_scorer(precision=request.param)
 
 
 async def run(scorer: BatchScorer, prompt: str, response: str) -> bool:

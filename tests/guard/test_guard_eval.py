@@ -12,7 +12,15 @@ import pytest
 
 from guard import cli
 from guard.data import Row
-from guard.evaluate import Scored, average_precision, metrics, score_rows, score_rows_fast, windows
+from guard.evaluate import (
+    Scored,
+    agreement,
+    average_precision,
+    metrics,
+    score_rows,
+    score_rows_fast,
+    windows,
+)
 from guard.scorer import load_scorer
 from proxy.cli.main import build_parser
 
@@ -165,3 +173,42 @@ def test_eval_scores_the_calibration_slice_fast(
     lines = scores.read_text(encoding="utf-8").splitlines()
     assert 0 < len(lines) < len(rows)
     assert "best logit_bias per k" in capsys.readouterr().out
+
+
+def test_an_int8_eval_compared_with_the_fp32_run_prints_their_agreement(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "fixture.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS * 3), encoding="utf-8")
+    common = ["eval", "--data", str(data), "--checkpoint", str(tiny_checkpoint), "--fast"]
+    fp32, int8 = tmp_path / "fp32.jsonl", tmp_path / "int8.jsonl"
+    args = parse([*common, "--scores", str(fp32)])
+    assert args.func(args) == 0
+    capsys.readouterr()
+    args = parse([*common, "--scores", str(int8), "--precision", "int8", "--compare", str(fp32)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert f"agreement with {fp32}" in out
+    table = out[out.index("agreement with") :].splitlines()
+    assert table[1].split() == ["file", "rows", "same_decision", "auprc", "auprc_other", "auprc_delta"]
+    assert [line.split()[:2] for line in table[2:]] == [["fixture", "12"], ["all", "rows"]]
+    same = float(table[-1].split()[3])
+    assert 0.0 <= same <= 1.0
+
+
+def test_agreement_counts_same_decisions_and_both_auprcs() -> None:
+    rows = [
+        Row("fix", str(i), None, "x", harmful, "f") for i, harmful in enumerate([True, False, True, None])
+    ]
+    scored = [Scored(r, [0.0]) for r in rows]
+    mine = [
+        {"id": r.id, "harmful": r.harmful, "reset": reset, "max_score": score}
+        for r, reset, score in zip(rows, [True, False, False, True], [0.9, 0.1, 0.4, 0.8], strict=True)
+    ]
+    theirs = [dict(m, reset=True, max_score=0.95 if m["harmful"] else 0.2) for m in mine]
+    table = agreement(scored, mine, theirs)
+    assert table["all rows"]["rows"] == 4
+    assert table["all rows"]["same_decision"] == 0.5  # rows 1 and 2 differ
+    assert table["f"]["auprc"] == pytest.approx(1.0) and table["f"]["auprc_other"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same rows"):
+        agreement(scored, mine, theirs[::-1])

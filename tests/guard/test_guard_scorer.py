@@ -174,9 +174,32 @@ async def test_the_scorer_runs_in_the_models_own_dtype(tiny_checkpoint: Path) ->
         for i in range(0, len(RESPONSES[0]), 7):
             await stream.feed(RESPONSES[0][i : i + 7])
         await stream.feed("", final=True)
-        assert stream.state.kv is not None and stream.state.kv.dtype == torch.float64
+        assert s.pool.kv is not None and s.pool.kv.dtype == torch.float64
         expected = full_pass_logits(s, PROMPT, RESPONSES[0])
         assert stream.state.logits == pytest.approx(expected, abs=1e-9)
         stream.close()
     finally:
         await s.stop()
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("bf16", 0.05), ("int8", 0.5)])
+async def test_a_reduced_precision_scorer_stays_near_fp32(
+    tiny_checkpoint: Path, precision: str, tolerance: float
+) -> None:
+    reference = load_scorer(tiny_checkpoint)
+    s = load_scorer(tiny_checkpoint, max_batch_tokens=64, queue_size=8, precision=precision)
+    assert not any(isinstance(m, torch.nn.Linear) for m in s.model.blocks.modules())  # all replaced
+    await s.start()
+    try:
+        for response in RESPONSES:
+            stream = s.guard(-1000.0, 0.5).open(PROMPT)
+            for i in range(0, len(response), 5):
+                await stream.feed(response[i : i + 5])
+            await stream.feed("", final=True)
+            expected = full_pass_logits(reference, PROMPT, response)
+            assert stream.state.logits == pytest.approx(expected, abs=tolerance)
+            stream.close()
+    finally:
+        await s.stop()
+    with pytest.raises(ValueError, match="fp16"):
+        load_scorer(tiny_checkpoint, precision="fp16")
