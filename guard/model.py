@@ -91,17 +91,27 @@ class KVPool:
     One tensor rather than one per stream: a packed step attends over the slots it needs as one
     contiguous view (no gather), and writes every stream's new keys in one indexed copy per layer.
     Slots are handed out lowest first, so that the slots of the live streams stay a compact range.
-    Both dimensions grow by doubling (a copy of the pool, O(log) times); `clear` frees it when idle.
-    Its size is slots x capacity x layers x 2 x hidden floats: 18 KB a position for MiniLM-L6 in fp32,
-    so 32 slots of 256 positions are 151 MB (what 32 per-stream caches of that length took).
+
+    Memory: each slot has room for the model's whole context, but the tensor is made with
+    `torch.empty`, and only positions below `zeroed` (the longest stream so far, rounded up) are ever
+    written. The pages past it are never touched, so they never become resident, and a stream growing
+    longer costs no copy of the pool (doubling the length did, and held old and new pool at once).
+    They are zeroed before use because masked positions are still read: uninitialised memory could
+    hold NaNs, which a mask does not cancel (0 x NaN). Only the slot count grows by a copy (doubling,
+    O(log) times, of the written part only); `clear` frees it all when no stream is live.
+    A position costs layers x 2 x hidden values: 18 KB for MiniLM-L6 in fp32, 9 KB in bf16
+    (`GuardModel.kv_dtype`), so 32 streams of 300 positions hold 88 MB in bf16.
     `acquire`/`release` are bookkeeping only; only `reserve` (in the pass) and `clear` (between passes)
     replace the tensor, so a pass in a worker thread never sees it change under it.
     """
+
+    STEP = 64  # positions zeroed at a time
 
     def __init__(self, cfg: GuardConfig) -> None:
         self.cfg = cfg
         # (layers, 2, slots, capacity, heads, head_dim): a token's keys are one row, written in one copy.
         self.kv: Tensor | None = None
+        self.zeroed = 0  # positions 0..zeroed-1 of every slot hold finite values
         self.free: list[int] = []  # a heap of released slots below `high`
         self.high = 0  # slots 0..high-1 are handed out, but for those in `free`
 
@@ -121,24 +131,35 @@ class KVPool:
         if self.live == 0:
             self.free, self.high = [], 0
 
-    def reserve(self, slots: int, length: int, like: Tensor) -> Tensor:
-        """The pool, grown to hold `slots` slots of `length` positions, in `like`'s dtype and device."""
-        kv, cfg = self.kv, self.cfg
-        have_slots, have_len = (kv.shape[2], kv.shape[3]) if kv is not None else (0, 0)
-        if kv is not None and slots <= have_slots and length <= have_len:
-            return kv
-        new_slots = max(slots, 2 * have_slots) if slots > have_slots else have_slots
-        new_len = min(cfg.max_positions, max(64, 2 * length)) if length > have_len else have_len
-        H, D = cfg.n_heads, cfg.hidden // cfg.n_heads
-        grown = like.new_zeros(cfg.n_layers, 2, new_slots, new_len, H, D)
-        if kv is not None:
-            grown[:, :, :have_slots, :have_len] = kv
-        self.kv = grown
-        return grown
+    def reserve(self, slots: int, length: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The pool, grown to hold `slots` slots with positions 0..`length`-1 usable."""
+        kv, cfg, zeroed = self.kv, self.cfg, self.zeroed
+        if kv is not None and kv.dtype != dtype:
+            raise ValueError(
+                f"the pool holds {kv.dtype} keys, not {dtype}: the model changed with streams live"
+            )
+        if kv is None or slots > kv.shape[2]:
+            have = 0 if kv is None else kv.shape[2]
+            H, D = cfg.n_heads, cfg.hidden // cfg.n_heads
+            shape = (cfg.n_layers, 2, max(slots, 2 * have), cfg.max_positions, H, D)
+            grown = torch.empty(shape, dtype=dtype, device=device)
+            if kv is not None and have:
+                grown[:, :, :have, :zeroed] = kv[:, :, :, :zeroed]
+                grown[:, :, have:, :zeroed].zero_()
+            else:
+                zeroed = 0
+            kv = self.kv = grown
+        if length > zeroed:
+            end = min(cfg.max_positions, -(-length // self.STEP) * self.STEP)
+            kv[:, :, :, zeroed:end].zero_()
+            zeroed = end
+        self.zeroed = zeroed
+        return kv
 
     def clear(self) -> None:
         """Free the tensor (call only while no pass runs); the next `reserve` allocates afresh."""
         self.kv = None
+        self.zeroed = 0
 
 
 # A segment with more new tokens than this (a prefill, a rollover's replay) attends on its own, so that
@@ -236,9 +257,9 @@ class Block(nn.Module):
         H, D = self.n_heads, C // self.n_heads
         q, k, v = self.qkv(x).split(C, dim=1)  # (N, C) each
         S, cap = kv.shape[1], kv.shape[2]
-        kv[0].view(S * cap, C).index_copy_(0, plan.dest, k)
-        kv[1].view(S * cap, C).index_copy_(0, plan.dest, v)
-        q = q.reshape(N, H, D)
+        kv[0].view(S * cap, C).index_copy_(0, plan.dest, k.to(kv.dtype))
+        kv[1].view(S * cap, C).index_copy_(0, plan.dest, v.to(kv.dtype))
+        q = q.to(kv.dtype).reshape(N, H, D)  # attention runs in the pool's dtype (see `kv_dtype`)
         if plan.rows.numel():
             R, W = plan.hi - plan.lo, plan.width
             padded = q.new_zeros(R * W, H, D).index_copy_(0, plan.flat, q.index_select(0, plan.rows))
@@ -247,7 +268,7 @@ class Block(nn.Module):
             out = F.scaled_dot_product_attention(
                 padded.view(R, W, H, D).transpose(1, 2), keys, values, attn_mask=plan.mask
             )  # (R, H, W, D)
-            batched = out.transpose(1, 2).reshape(R * W, H, D).index_select(0, plan.flat)
+            batched = out.transpose(1, 2).reshape(R * W, H, D).index_select(0, plan.flat).to(x.dtype)
         if not plan.lone:
             y = batched  # every segment attended batched: its rows are all N tokens, in order
         else:
@@ -258,7 +279,7 @@ class Block(nn.Module):
                 a, b, end = s.start, s.start + s.n, s.past + s.n
                 keys, values = kv[0, s.slot, :end].transpose(0, 1), kv[1, s.slot, :end].transpose(0, 1)
                 out = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), keys, values, attn_mask=mask)
-                y[a:b] = out.transpose(0, 1)  # (n, H, D)
+                y[a:b] = out.transpose(0, 1).to(x.dtype)  # (n, H, D)
         return self._rest(x, y.reshape(N, C))
 
     def _rest(self, x: Tensor, y: Tensor) -> Tensor:
@@ -278,6 +299,10 @@ class GuardModel(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.head = nn.Linear(cfg.hidden, 1)
+        # The dtype a scorer's KV pool keeps keys and values in, and `step` attends in (None: the
+        # weights'). bf16 halves the pool; with bf16 Linear layers it loses nothing: their keys and
+        # values are bf16 numbers already.
+        self.kv_dtype: torch.dtype | None = None
         # A rare reset is the prior: start the head at logit -4 (p ~ 0.02) so that early training
         # spends its steps on the positives rather than on pushing every token down.
         nn.init.zeros_(self.head.weight)
@@ -317,7 +342,8 @@ class GuardModel(nn.Module):
         """
         x = self.embed(ids[None], types[None], positions[None])[0]  # (N, C)
         slots = max(s.slot for s in segments) + 1
-        kv = pool.reserve(slots, max(s.past + s.n for s in segments), x)
+        length = max(s.past + s.n for s in segments)
+        kv = pool.reserve(slots, length, self.kv_dtype or x.dtype, x.device)
         plan = AttentionPlan.build(segments, kv.shape[3], x.device)
         for i, block in enumerate(self.blocks):
             assert isinstance(block, Block)  # ModuleList items are typed as Module

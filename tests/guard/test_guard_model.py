@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -123,19 +124,25 @@ def test_only_the_top_layers_and_head_train(tiny_base: Path) -> None:
     assert model.flops_per_token(0) > 0
 
 
-def test_the_pool_hands_out_the_lowest_free_slot_and_grows_by_doubling(tiny_base: Path) -> None:
+def test_the_pool_hands_out_the_lowest_free_slot_and_copies_only_to_grow_its_slots(tiny_base: Path) -> None:
     cfg = from_base(str(tiny_base)).cfg
     pool = KVPool(cfg)
+    f32, cpu = torch.float32, torch.device("cpu")
     assert [pool.acquire() for _ in range(3)] == [0, 1, 2]
     pool.release(1)
     assert pool.acquire() == 1 and pool.live == 3
-    kv = pool.reserve(3, 10, torch.zeros(1))
-    assert cfg.max_positions == 64  # the tiny base: capacity starts at, and stops at, 64 positions
+    kv = pool.reserve(3, 10, f32, cpu)
+    assert cfg.max_positions == 64  # the tiny base: every slot has room for 64 positions
     assert kv.shape == (cfg.n_layers, 2, 3, 64, cfg.n_heads, cfg.hidden // cfg.n_heads)
+    assert pool.zeroed == 64 and bool((kv == 0).all())  # read under the mask: never uninitialised
     kv[:, :, 2, 5] = 1.0
-    grown = pool.reserve(4, 64, torch.zeros(1))
+    assert pool.reserve(3, 64, f32, cpu) is kv  # a longer stream: no copy
+    grown = pool.reserve(4, 64, f32, cpu)
     assert grown.shape[2:4] == (6, 64) and bool((grown[:, :, 2, 5] == 1.0).all())
-    assert pool.reserve(2, 5, torch.zeros(1)) is grown  # never shrinks while streams live
+    assert bool((grown[:, :, 3:] == 0).all())  # the new slots start zeroed too
+    assert pool.reserve(2, 5, f32, cpu) is grown  # never shrinks while streams live
+    with pytest.raises(ValueError, match="changed"):
+        pool.reserve(2, 5, torch.bfloat16, cpu)
     for slot in (0, 2, 1):
         pool.release(slot)
     assert pool.live == 0 and pool.acquire() == 0
