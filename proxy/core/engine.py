@@ -258,6 +258,11 @@ class StreamEngine:
             a.starts_key, a.starts = key, self.tokenizer.token_starts(text)
         return a.starts
 
+    def _tokens_between(self, text: str, start: int, end: int) -> int:
+        """Guard tokens of the held `text` starting at attempt offsets start..end-1."""
+        starts, base = self._held_starts(text), self.attempt.released_chars
+        return bisect.bisect_left(starts, end - base) - bisect.bisect_left(starts, start - base)
+
     def _cut(self, text: str, head: int | None = None) -> int:
         """Offset in `text` before which everything is `holdback_tokens` behind the head: the end of
         `text`, or (on a reset) the end of the token at offset `head`, the first unsafe one."""
@@ -276,8 +281,15 @@ class StreamEngine:
         if limit is None and a.released_chars + len(a.held[0].text) > a.scored_until:
             return []  # the oldest piece is not judged yet: skip the tokenizing below
         text = self._held_text()
+        split = False
         if limit is None:
-            limit = min(a.scored_until, a.released_chars + self._cut(text))
+            cut = a.released_chars + self._cut(text)
+            # A piece the hold-back's cut falls inside by 2 tokens or more is split at the cut: a word of
+            # several guard tokens would otherwise wait as many more upstream chunks, then leave in a
+            # burst with the next ones (a 4-token word: an 80 ms gap at 50 tokens/s, then 0 ms ones).
+            # One token in, it waits one chunk: not worth a chunk more for the client.
+            split = cut <= a.scored_until
+            limit = min(a.scored_until, cut)
         out: list[Output] = []
         end = a.released_chars
         n = 0
@@ -287,9 +299,17 @@ class StreamEngine:
             end += len(piece.text)
             n += 1
             out.append(Release(piece))
-        if n:
+        rest = None
+        if split and n < len(a.held) and self._tokens_between(text, end, limit) >= 2:
+            # Both parts keep the piece's payload: the dialects encode a piece whose text is not its
+            # payload's own (as after a reset's cut), and a client's prefill stays the client's.
+            piece, k = a.held[n], limit - end
+            out.append(Release(Piece(piece.text[:k], piece.extra, piece.received)))
+            rest = Piece(piece.text[k:], piece.extra, piece.received)
+            end = limit
+        if out:
             a.released_tokens += bisect.bisect_left(self._held_starts(text), end - a.released_chars)
-            a.held = a.held[n:]
+            a.held = a.held[n:] if rest is None else [rest, *a.held[n + 1 :]]
             a.released_chars = end
         return out
 

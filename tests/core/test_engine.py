@@ -241,3 +241,24 @@ def test_finish_before_everything_is_judged_is_a_bug_in_the_caller():
         assert "judged" in str(exc)
     else:
         raise AssertionError("finish() must refuse unjudged text")
+
+
+class CharTokens:
+    """Every character a guard token: a piece of several characters is a word of several tokens."""
+
+    def token_starts(self, text: str) -> list[int]:
+        return list(range(len(text)))
+
+
+def test_a_piece_the_hold_back_cut_falls_inside_is_split_there_keeping_its_payload() -> None:
+    engine = StreamEngine(policy(holdback_tokens=2), CharTokens())
+    stream = Scripted()
+    steps: list[list[tuple[str, str]]] = []
+    for text in ["abcdef", "g", "h"]:
+        step = engine.feed(Piece(text, extra=text))
+        step += engine.on_verdict(stream.feed_sync(engine.take_unscored()))
+        steps.append([(o.piece.text, o.piece.extra) for o in step if isinstance(o, Release)])
+    # Two tokens behind the head: the first four tokens of "abcdef" go out at once (whole, it would
+    # have waited for 4 more chunks); the rest is one token past the cut, then whole.
+    assert steps == [[("abcd", "abcdef")], [], [("ef", "abcdef")]]
+    assert released(engine.finish("stop")) == "gh"
