@@ -92,26 +92,29 @@ class KVPool:
     contiguous view (no gather), and writes every stream's new keys in one indexed copy per layer.
     Slots are handed out lowest first, so that the slots of the live streams stay a compact range.
 
-    Memory: each slot has room for the model's whole context, but the tensor is made with
-    `torch.empty`, and only positions below `zeroed` (the longest stream so far, rounded up) are ever
-    written. The pages past it are never touched, so they never become resident, and a stream growing
-    longer costs no copy of the pool (doubling the length did, and held old and new pool at once).
-    They are zeroed before use because masked positions are still read: uninitialised memory could
-    hold NaNs, which a mask does not cancel (0 x NaN). Only the slot count grows by a copy (doubling,
-    O(log) times, of the written part only); `clear` frees it all when no stream is live.
-    A position costs layers x 2 x hidden values: 18 KB for MiniLM-L6 in fp32, 9 KB in bf16
-    (`GuardModel.kv_dtype`), so 32 streams of 300 positions hold 88 MB in bf16.
+    Memory: the tensor has room for `SLOTS` slots of the model's whole context, but is made with
+    `torch.empty`, and only what streams use is ever written: positions below `zeroed` (the longest
+    stream so far, rounded up) of the slots below `ready` (the most streams live at once). The pages
+    past them are never touched, so they never become resident; neither a longer stream nor one more
+    stream costs a copy of the pool (growing it did, and held old and new at once: the peak). They are
+    zeroed before use because masked positions are still read: uninitialised memory could hold NaNs,
+    which a mask does not cancel (0 x NaN). Past `SLOTS` streams the room doubles, by a copy.
+    `clear` frees it all when no stream is live. A position costs layers x 2 x hidden values: 18 KB
+    for MiniLM-L6 in fp32, 9 KB in bf16 (`GuardModel.kv_dtype`), so 32 streams of 300 positions hold
+    88 MB in bf16.
     `acquire`/`release` are bookkeeping only; only `reserve` (in the pass) and `clear` (between passes)
     replace the tensor, so a pass in a worker thread never sees it change under it.
     """
 
     STEP = 64  # positions zeroed at a time
+    SLOTS = 64  # room made at first (virtual memory only: 4.7 MB a slot for MiniLM-L6 in bf16)
 
     def __init__(self, cfg: GuardConfig) -> None:
         self.cfg = cfg
         # (layers, 2, slots, capacity, heads, head_dim): a token's keys are one row, written in one copy.
         self.kv: Tensor | None = None
-        self.zeroed = 0  # positions 0..zeroed-1 of every slot hold finite values
+        self.zeroed = 0  # positions 0..zeroed-1 of slots 0..ready-1 hold finite values
+        self.ready = 0
         self.free: list[int] = []  # a heap of released slots below `high`
         self.high = 0  # slots 0..high-1 are handed out, but for those in `free`
 
@@ -133,33 +136,33 @@ class KVPool:
 
     def reserve(self, slots: int, length: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The pool, grown to hold `slots` slots with positions 0..`length`-1 usable."""
-        kv, cfg, zeroed = self.kv, self.cfg, self.zeroed
+        kv, cfg = self.kv, self.cfg
         if kv is not None and kv.dtype != dtype:
             raise ValueError(
                 f"the pool holds {kv.dtype} keys, not {dtype}: the model changed with streams live"
             )
         if kv is None or slots > kv.shape[2]:
-            have = 0 if kv is None else kv.shape[2]
+            room = max(self.SLOTS, slots, 2 * kv.shape[2] if kv is not None else 0)
             H, D = cfg.n_heads, cfg.hidden // cfg.n_heads
-            shape = (cfg.n_layers, 2, max(slots, 2 * have), cfg.max_positions, H, D)
-            grown = torch.empty(shape, dtype=dtype, device=device)
-            if kv is not None and have:
-                grown[:, :, :have, :zeroed] = kv[:, :, :, :zeroed]
-                grown[:, :, have:, :zeroed].zero_()
+            grown = torch.empty((cfg.n_layers, 2, room, cfg.max_positions, H, D), dtype=dtype, device=device)
+            if kv is not None:
+                grown[:, :, : self.ready, : self.zeroed] = kv[:, :, : self.ready, : self.zeroed]
             else:
-                zeroed = 0
+                self.ready = self.zeroed = 0
             kv = self.kv = grown
-        if length > zeroed:
+        if length > self.zeroed:
             end = min(cfg.max_positions, -(-length // self.STEP) * self.STEP)
-            kv[:, :, :, zeroed:end].zero_()
-            zeroed = end
-        self.zeroed = zeroed
+            kv[:, :, : self.ready, self.zeroed : end].zero_()
+            self.zeroed = end
+        if slots > self.ready:
+            kv[:, :, self.ready : slots, : self.zeroed].zero_()
+            self.ready = slots
         return kv
 
     def clear(self) -> None:
         """Free the tensor (call only while no pass runs); the next `reserve` allocates afresh."""
         self.kv = None
-        self.zeroed = 0
+        self.zeroed = self.ready = 0
 
 
 # A segment with more new tokens than this (a prefill, a rollover's replay) attends on its own, so that
