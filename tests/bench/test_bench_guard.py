@@ -11,29 +11,15 @@ from pathlib import Path
 import pytest
 
 from proxy.cli.main import main
-from tests.guard.tokenizer import vocab_size, write_tokenizer
+from tests.guard.tokenizer import write_tiny_bert
 
 
 @pytest.fixture(scope="module")
 def tiny_guard(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A guard checkpoint on a random 2-layer BERT (hidden 32)."""
-    import torch
-    from transformers import BertConfig, BertModel
-
     from guard.model import from_base, save_checkpoint
 
-    base = tmp_path_factory.mktemp("tiny-bert")
-    write_tokenizer(base)
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=vocab_size(base),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(cfg).save_pretrained(str(base))
+    base = write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=2)
     folder = tmp_path_factory.mktemp("tiny-guard")
     save_checkpoint(from_base(str(base), n_trainable_layers=1, max_prompt_tokens=8), folder)
     return folder

@@ -6,28 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.guard.tokenizer import vocab_size, write_tokenizer
+from tests.guard.tokenizer import write_tiny_bert
 
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 3-layer BERT (hidden 32) with a WordPiece tokenizer, as a local HF folder."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    write_tokenizer(folder)
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=vocab_size(folder),
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(cfg).save_pretrained(str(folder))
-    return folder
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=3)
 
 
 @pytest.fixture(scope="session")

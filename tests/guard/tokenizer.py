@@ -1,4 +1,4 @@
-"""A tiny WordPiece tokenizer for the guard tests' random models, written on the spot (no download)."""
+"""A tiny WordPiece tokenizer and random BERTs on it for the guard tests, made on the spot (no download)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,23 @@ def write_tokenizer(folder: Path) -> None:
 def vocab_size(folder: Path) -> int:
     """How many tokens the vocabulary `write_tokenizer` saved in `folder` has."""
     return len((folder / "vocab.txt").read_text(encoding="utf-8").splitlines())
+
+
+def write_tiny_bert(folder: Path, layers: int) -> Path:
+    """A random BERT (hidden 32, 4 heads, 64 positions) of `layers` layers with `write_tokenizer`'s
+    vocabulary, saved in `folder` as a local HF folder."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    write_tokenizer(folder)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=vocab_size(folder),
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(cfg).save_pretrained(str(folder))
+    return folder

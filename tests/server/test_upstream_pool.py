@@ -41,17 +41,24 @@ async def late_ending_upstream(harness: Harness, peers: list[int], pause: float)
     return await harness.serve(app)
 
 
+async def stream_in_turn(proxy: str, n: int, wait: float) -> list[str]:
+    """`n` streamed requests through `proxy` on one client session, `wait` seconds apart: the bodies."""
+    request = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    bodies = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(n):
+            async with session.post(f"{proxy}/v1/chat/completions", json=request) as resp:
+                bodies.append(await resp.text())
+            await asyncio.sleep(wait)
+    return bodies
+
+
 async def test_a_finished_stream_gives_its_upstream_connection_back(harness: Harness) -> None:
     peers: list[int] = []
     upstream = await late_ending_upstream(harness, peers, pause=0.02)
-    proxy = await harness.proxy(upstream, policy(holdback_tokens=0))
-    request = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    async with aiohttp.ClientSession() as session:
-        for _ in range(3):
-            async with session.post(f"{proxy}/v1/chat/completions", json=request) as resp:
-                body = await resp.text()
-            assert body.endswith("data: [DONE]\n\n") and '"content":"Hi"' in body.replace(" ", "")
-            await asyncio.sleep(0.2)  # the upstream's end of body comes after [DONE]: wait for it
+    bodies = await stream_in_turn(await harness.proxy(upstream, policy(holdback_tokens=0)), 3, wait=0.2)
+    # The upstream's end of body comes after [DONE]: each request waited for it before the next.
+    assert all(b.endswith("data: [DONE]\n\n") and '"content":"Hi"' in b.replace(" ", "") for b in bodies)
     assert len(peers) == 3
     assert len(set(peers)) == 1
 
@@ -62,11 +69,6 @@ async def test_an_upstream_that_never_ends_its_body_is_closed_after_the_read_out
     monkeypatch.setattr(upstream_module, "READ_OUT_SECONDS", 0.1)
     peers: list[int] = []
     upstream = await late_ending_upstream(harness, peers, pause=30.0)
-    proxy = await harness.proxy(upstream, policy(holdback_tokens=0))
-    request = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    async with aiohttp.ClientSession() as session:
-        for _ in range(2):
-            async with session.post(f"{proxy}/v1/chat/completions", json=request) as resp:
-                assert (await resp.text()).endswith("data: [DONE]\n\n")
-            await asyncio.sleep(0.3)
+    bodies = await stream_in_turn(await harness.proxy(upstream, policy(holdback_tokens=0)), 2, wait=0.3)
+    assert all(b.endswith("data: [DONE]\n\n") for b in bodies)
     assert len(set(peers)) == 2  # the first connection was closed, not kept half-read
