@@ -128,10 +128,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             models = {model_name(rate): paths["direct"].url for rate, paths in by_rate.items()}
             hook = None
             if with_hook and checkpoint is not None:
+                shipped = ScorerConfig()  # LiteLLM's hook runs the guard as Backtrack's proxy does
                 hook = {
                     "checkpoint": str(checkpoint.resolve()),
                     "logit_bias": guard_policy.get("logit_bias", 0.0),
                     "threshold": guard_policy.get("threshold", 0.5),
+                    "precision": shipped.precision,
+                    "threads": shipped.threads or 1,
                 }
             litellms = start_litellm(litellm, workdir, models, master_key, hook, started)
 

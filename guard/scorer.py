@@ -219,6 +219,10 @@ class BatchScorer:
     @torch.no_grad()
     def _forward(self, items: list[_Item]) -> list[list[float]]:
         """One packed pass over every item's new tokens; runs in a worker thread."""
+        if self.threads and torch.get_num_threads() != self.threads:
+            # torch's thread count is per thread: what `start` set on the loop's thread does not reach
+            # an executor worker that had run a torch op before (the one that loaded the model had).
+            torch.set_num_threads(self.threads)
         ids: list[int] = []
         types: list[int] = []
         positions: list[int] = []
