@@ -36,19 +36,17 @@ class BacktrackGuard(CustomLogger):  # type: ignore[misc]
         # The scorer's worker must live on LiteLLM's event loop, so the model loads with the first request.
         async with self._loading:
             if self._guard is None:
-                import torch
-
                 from guard.scorer import load_scorer
 
                 settings = json.loads(os.environ[SETTINGS_ENV])
-                # Set here, before any thread runs a torch op: a thread keeps the thread count it had at
-                # its first op, so a count set later (`load_scorer(threads=...)`, applied in `start`)
-                # misses the worker thread that loaded the model. One by default: torch's default of one
-                # per core had its workers contend with LiteLLM's event loop on the same two cores
-                # (40-47 CPU-ms per chunk at one unthrottled stream; 6-7 with one thread).
-                torch.set_num_threads(int(settings.get("threads", 1)))
+                # One thread by default: torch's default of one per core had its workers contend with
+                # LiteLLM's event loop on the same two cores (40-47 CPU-ms per chunk at one unthrottled
+                # stream; 6-7 with one thread).
                 scorer = await asyncio.to_thread(
-                    load_scorer, Path(settings["checkpoint"]), precision=settings.get("precision", "fp32")
+                    load_scorer,
+                    Path(settings["checkpoint"]),
+                    threads=int(settings.get("threads", 1)),
+                    precision=settings.get("precision", "fp32"),
                 )
                 await scorer.start()
                 self._guard = scorer.guard(

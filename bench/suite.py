@@ -71,6 +71,7 @@ from bench.servers import (
 from bench.suite_guard import fail_open_count, guard_checkpoint, policies
 from bench.suite_report import markdown, plot
 from bench.suite_summary import PATHS, model_name, rate_label, summarize
+from proxy.core.config import ScorerConfig
 from proxy.replay.app import Row
 
 # A one-token answer: warming up 256 connections through a slow path must not cost a full answer each.
