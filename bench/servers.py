@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -108,11 +109,46 @@ def _process_tree(pid: int) -> list[int]:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a child that must be told its port.
+
+    It comes from below the kernel's ephemeral range. A port from `bind(0)` is an ephemeral one, and any
+    outgoing connection made before the child binds it (a health poll, another child's upstream) may be
+    given it: the child then exits with "address already in use". Below the range only `bind` hands
+    ports out. No port is handed out twice by one process.
+    """
+    low = _ephemeral_low()
+    for _ in range(200 if low > 2048 else 0):
+        port = _random.randrange(max(1024, low - 16384), low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken, or one of ours still in TIME_WAIT
+        _handed_out.add(port)
+        return port
+    return _ephemeral_port()  # none free there: an ephemeral port still works, with the race above
+
+
+def _ephemeral_port() -> int:
+    """A port from `bind(0)`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+_random = random.SystemRandom()
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (32768 where /proc does not say)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @contextmanager

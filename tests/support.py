@@ -1,25 +1,20 @@
-"""Plumbing any test may need that knows nothing of Backtrack: where the repository is, a free TCP port,
-and waiting for something to become true."""
+"""Plumbing any test may need: where the repository is, a free TCP port (the benchmarks' picker, which
+keeps out of the ephemeral range), and waiting for something to become true."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from bench.servers import free_port
+
+__all__ = ["REPO", "eventually", "free_port"]
+
 REPO = Path(__file__).resolve().parents[1]
 """The repository root (where `config.yaml` and `policies/` are, and where `backtrack` runs)."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago, for a process that must be told its port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def eventually(

@@ -33,10 +33,11 @@ def test_a_tiny_run_through_the_proxy_writes_its_table_and_json(
          "--out", str(tmp_path)]
     )  # fmt: skip
 
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert code == 0, captured.err  # why it could not run
     report = json.loads((tmp_path / "bench-proxy.json").read_text(encoding="utf-8"))
     table = (tmp_path / "bench-proxy.md").read_text(encoding="utf-8")
-    assert code == 0
     assert children() <= before
     assert [(r["path"], r["concurrency"]) for r in report["results"]] == [
         ("direct", 1), ("proxy", 1), ("proxy (hb 0)", 1), ("direct", 2), ("proxy", 2), ("proxy (hb 0)", 2),

@@ -34,9 +34,10 @@ def test_a_tiny_soak_loses_no_audit_event_across_a_redis_outage(
          "--sample-seconds", "1", "--out", str(tmp_path)]
     )  # fmt: skip
 
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert code == 0, captured.err  # why it could not run
     report = json.loads((tmp_path / "soak.json").read_text(encoding="utf-8"))
-    assert code == 0
     assert children() <= before
     assert report["audit"]["lost"] == 0
     assert report["audit"]["found"] == report["audit"]["unique_ids"] == report["audit"]["expected"]

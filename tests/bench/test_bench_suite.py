@@ -72,10 +72,11 @@ def test_a_tiny_run_of_direct_backtrack_and_the_guard_writes_tables_json_and_plo
          "--checkpoint", str(tiny_guard), "--guard-streams", "1", "--skip-litellm", "--out", str(tmp_path)]
     )  # fmt: skip
 
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert code == 0, captured.err  # why it could not run
     report = json.loads((tmp_path / "bench-all.json").read_text(encoding="utf-8"))
     table = (tmp_path / "bench-all.md").read_text(encoding="utf-8")
-    assert code == 0
     assert children() <= before
     paths = ["direct", "backtrack", "backtrack+guard"]
     assert [(r["rate"], r["concurrency"], r["path"]) for r in report["results"]] == [
