@@ -177,15 +177,19 @@ def build_examples(
             per_source.setdefault(row.file, []).append(row)
     caps: dict[str, int] = cfg.get("max_rows_per_file", {})
     file_weights: dict[str, float] = cfg.get("file_weights", {})
+    # Safe answers in files that also hold harmful ones (refusals, safe answers to harmful prompts) are
+    # the false resets an operator sees most: `safe_weight_in_mixed_files` weighs them up.
+    mixed_safe = float(cfg.get("safe_weight_in_mixed_files", 1.0))
     examples = []
     for file, file_rows in sorted(per_source.items()):
         rng.shuffle(file_rows)
         weight = float(file_weights.get(file, 1.0))
+        mixed = any(r.harmful for r in file_rows) and not all(r.harmful for r in file_rows)
         for row in file_rows[: caps.get(file, len(file_rows))]:
             ex = make_example(
                 row, tok, cfg["model"]["max_prompt_tokens"], cfg["max_response_tokens"], cfg["min_onset"]
             )
-            examples.append(replace(ex, weight=weight))
+            examples.append(replace(ex, weight=weight * (mixed_safe if mixed and not row.harmful else 1.0)))
             if not row.harmful and rng.random() < cfg["window_fraction"]:
                 # Late text of long answers, as the scorer sees it after a context rollover.
                 n = len(tok.encode(row.response[: 8 * 2 * cfg["max_response_tokens"]])[0])

@@ -73,7 +73,48 @@ def aggregated_max(logits: Tensor, response: Tensor, k: int) -> Tensor:
     return run.max(dim=1).values.clamp(min=-30.0)
 
 
-def loss_fn(model: GuardModel, batch: Batch, seq_weight: float) -> tuple[Tensor, dict[str, float]]:
+@dataclass(frozen=True)
+class ExtraLosses:
+    """Loss terms beyond the token and response-level ones; all off by default (v1 and v2's recipes).
+
+    - `early_weight`, `early_tokens`: the response-level loss once more, for harmful rows only, on the
+      first `early_tokens` response tokens: a harmful answer must be reset early, not only at some point.
+    - `monotone_weight`: Kelp's monotone loss: inside a harmful run, the reset probability must not fall
+      back from one token to the next.
+    """
+
+    early_weight: float = 0.0
+    early_tokens: int = 0
+    monotone_weight: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ExtraLosses:
+        return cls(
+            float(cfg.get("early_loss_weight", 0.0)),
+            int(cfg.get("early_loss_tokens", 0)),
+            float(cfg.get("monotone_loss_weight", 0.0)),
+        )
+
+
+def early_response(response: Tensor, n: int) -> Tensor:
+    """The first `n` response positions of each row: (B, T) bool -> (B, T) bool."""
+    return response & (response.cumsum(dim=1) <= n)
+
+
+def monotone_penalty(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per row, the mean drop of the reset probability between consecutive harmful-target tokens.
+
+    (B, T) logits and targets -> (B,); rows without two consecutive targets of 1 give 0.
+    """
+    p = torch.sigmoid(logits)
+    pairs = (targets[:, 1:] == 1) & (targets[:, :-1] == 1)  # (B, T-1)
+    drop = F.relu(p[:, :-1] - p[:, 1:]) * pairs
+    return drop.sum(1) / pairs.sum(1).clamp(min=1)
+
+
+def loss_fn(
+    model: GuardModel, batch: Batch, seq_weight: float, extra: ExtraLosses = ExtraLosses()
+) -> tuple[Tensor, dict[str, float]]:
     logits = model.upper(batch.x)  # (B, T)
     labelled = batch.targets != IGNORE
     per_token = F.binary_cross_entropy_with_logits(
@@ -87,7 +128,22 @@ def loss_fn(model: GuardModel, batch: Batch, seq_weight: float) -> tuple[Tensor,
         F.binary_cross_entropy_with_logits(agg, batch.harmful, reduction="none") * batch.weight
     ).mean()
     loss = token_loss + seq_weight * seq_loss
-    return loss, {"tok": token_loss.item(), "seq": seq_loss.item()}
+    parts = {"tok": token_loss.item(), "seq": seq_loss.item()}
+    if extra.early_tokens and extra.early_weight:
+        early = early_response(batch.response, extra.early_tokens)
+        agg_early = aggregated_max(logits, early, model.cfg.consecutive)
+        early_loss = (
+            F.binary_cross_entropy_with_logits(agg_early, batch.harmful, reduction="none")
+            * batch.weight
+            * batch.harmful
+        ).sum() / batch.harmful.sum().clamp(min=1)
+        loss = loss + extra.early_weight * early_loss
+        parts["early"] = early_loss.item()
+    if extra.monotone_weight:
+        mono = monotone_penalty(logits, batch.targets)
+        loss = loss + extra.monotone_weight * (mono * batch.weight).mean()
+        parts["mono"] = mono.mean().item()
+    return loss, parts
 
 
 @torch.no_grad()
@@ -190,6 +246,7 @@ def train(config_path: Path, out: Path, export: Path | None = None) -> Path:
         torch.save(state, out / "state.tmp")
         (out / "state.tmp").replace(state_path)
 
+    extra = ExtraLosses.from_config(cfg)
     model.train()
     budget = cfg["time_budget_minutes"] * 60
     bar = tqdm(total=total, initial=step, desc="train", unit="step")
@@ -200,7 +257,7 @@ def train(config_path: Path, out: Path, export: Path | None = None) -> Path:
             for group, base_lr in zip(opt.param_groups, (cfg["lr"], cfg["head_lr"]), strict=True):
                 group["lr"] = base_lr * scale
             batch = collate([examples[i] for i in idx], [cached[i] for i in idx], [weights[i] for i in idx])
-            loss, parts = loss_fn(model, batch, cfg["seq_loss_weight"])
+            loss, parts = loss_fn(model, batch, cfg["seq_loss_weight"], extra)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(body + head, 1.0)

@@ -158,3 +158,23 @@ def test_file_weights_then_class_balance(tiny_base: Path) -> None:
     safe_f = {w for w, e in zip(weights, examples, strict=True) if not e.harmful and e.file == "f"}
     safe_g = {w for w, e in zip(weights, examples, strict=True) if e.file == "g"}
     assert len(safe_f) == len(safe_g) == 1 and safe_g.pop() == pytest.approx(3 * safe_f.pop())
+
+
+def test_safe_rows_of_mixed_files_weigh_more_and_nothing_else_does(tiny_base: Path) -> None:
+    tok = GuardTokenizer(tiny_base)
+    # f holds both classes, g only safe answers
+    rows = [Row("s", str(i), "q", "a b", i < 2, "f" if i < 4 else "g") for i in range(8)]
+    cfg = {
+        "model": {"max_prompt_tokens": 4},
+        "max_response_tokens": 8,
+        "min_onset": 1,
+        "window_fraction": 0.0,
+        "file_weights": {"g": 3.0},
+        "safe_weight_in_mixed_files": 1.5,
+    }
+    examples = build_examples(rows, tok, cfg, random.Random(0))
+    by_kind = {(e.file, e.harmful): e.weight for e in examples}
+    assert by_kind == {("f", True): 1.0, ("f", False): 1.5, ("g", False): 3.0}
+    assert [e.ids for e in examples] == [
+        e.ids for e in build_examples(rows, tok, {**cfg, "safe_weight_in_mixed_files": 1.0}, random.Random(0))
+    ]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from guard.model import load_checkpoint
-from guard.train import aggregated_max, lr_at, train
+from guard.train import ExtraLosses, aggregated_max, early_response, lr_at, monotone_penalty, train
 
 ROWS = [
     {
@@ -78,3 +79,39 @@ def test_schedule_ends_with_the_time_budget_when_that_comes_first() -> None:
     assert lr_at(55, 100, 10) == pytest.approx(0.5)
     assert lr_at(10, 100, 10, time_used=0.5) == pytest.approx(0.5)  # half the budget spent
     assert lr_at(20, 100, 10, time_used=1.2) == 0.0
+
+
+def test_the_early_window_is_the_first_response_tokens() -> None:
+    response = torch.tensor(
+        [[False, False, True, True, True, True], [False, True, True, False, False, False]]
+    )
+    assert early_response(response, 2).tolist() == [
+        [False, False, True, True, False, False],
+        [False, True, True, False, False, False],
+    ]
+
+
+def test_the_monotone_penalty_counts_only_drops_inside_a_harmful_run() -> None:
+    logit = torch.logit(torch.tensor([[0.2, 0.9, 0.5, 0.7, 0.1], [0.9, 0.1, 0.9, 0.1, 0.9]]))
+    targets = torch.tensor([[-1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    penalty = monotone_penalty(logit, targets)
+    # row 0: pairs (0.9, 0.5), (0.5, 0.7), (0.7, 0.1): drops 0.4 and 0.6 over 3 pairs; the drop from the
+    # ignored token 0 does not count. Row 1 is safe: no harmful run, no penalty.
+    assert penalty.tolist() == pytest.approx([1.0 / 3, 0.0], abs=1e-6)
+
+
+def test_the_extra_losses_change_what_is_learned(tiny_base: Path, tmp_path: Path) -> None:
+    plain = write_config(tmp_path, tiny_base, epochs=1)
+    model, _ = load_checkpoint(train(plain, tmp_path / "plain"))
+    extras = tmp_path / "extras.yaml"
+    extras.write_text(
+        plain.read_text(encoding="utf-8")
+        + "early_loss_weight: 1.0\nearly_loss_tokens: 4\nmonotone_loss_weight: 1.0\n"
+        + "safe_weight_in_mixed_files: 2.0\n",
+        encoding="utf-8",
+    )
+    assert ExtraLosses.from_config(yaml.safe_load(extras.read_text(encoding="utf-8"))) == ExtraLosses(
+        1.0, 4, 1.0
+    )
+    other, _ = load_checkpoint(train(extras, tmp_path / "extras"))
+    assert not torch.equal(model.head.weight, other.head.weight)
