@@ -47,6 +47,8 @@ class Choice:
     # one string per chunk would copy the whole answer every time).
     shown: list[str] = field(default_factory=list)
     inject: str | None = None  # after an `inject` reset: the answer's start to ask again with
+    # Streaming: the guard's answer to text given by `GuardedResponse.ask`, not yet applied.
+    asking: asyncio.Task[Asked] | None = None
 
     def __post_init__(self) -> None:
         self.inline = self.guard if isinstance(self.guard, InlineStream) else None
@@ -54,6 +56,16 @@ class Choice:
     @property
     def state(self) -> State:
         return self.engine.state
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What the guard answered to one feed: a verdict, or why there is none."""
+
+    guard: GuardStream  # the stream asked: a restarted guard's answer is stale
+    verdict: Verdict | None
+    failure: str = ""  # without a verdict: "timeout", the GuardError's class name, or "error"
+    counted: bool = False  # the failure was counted where it happened (a remote judge)
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,9 @@ class GuardedResponse:
         """The upstream failed mid-stream: every choice ends where it is, its held text dropped."""
         for choice in self.choices.values():
             choice.engine.abandon()
+            if choice.asking is not None:
+                choice.asking.cancel()
+                choice.asking = None
 
     def begin_again(self, choice: Choice) -> None:
         """A regenerated answer for this choice starts: a new attempt, read afresh."""
@@ -121,6 +136,9 @@ class GuardedResponse:
 
     def _restart_guard(self, choice: Choice) -> None:
         """A new attempt (regenerated, or the upstream's continuation) is read from its start."""
+        if choice.asking is not None:
+            choice.asking.cancel()  # its answer is about the attempt that ended
+            choice.asking = None
         choice.guard.close()
         choice.guard = self.guard.open(self.prompt)
         choice.inline = choice.guard if isinstance(choice.guard, InlineStream) else None
@@ -154,27 +172,77 @@ class GuardedResponse:
 
     async def finish(self, run: Choice, reason: str | None) -> list[Output]:
         """The upstream finished this choice with `reason`: judge the rest, then release it."""
-        out = await self.score(run, final=True)
+        out = await self.answer(run, again=False)
+        out += await self.score(run, final=True)
         out += run.engine.finish(reason)
         return out
+
+    # -- streaming: the guard reads while the relay goes on ------------------------------------------
+
+    async def ask(self, run: Choice) -> list[Output]:
+        """Give the guard what it has not read, without waiting for its verdict (`answer` applies it).
+
+        While a verdict is out the relay goes on reading the upstream and releasing what earlier verdicts
+        allow, so text leaves as the upstream sends it, `holdback_tokens` behind, not in bursts at each
+        guard pass. One feed per choice is out at a time. Inline and unguarded choices are judged at
+        once, their outputs returned.
+        """
+        if run.inline is not None or run.unguarded:
+            return await self.score(run)
+        engine = run.engine
+        if run.asking is None and engine.state is State.STREAMING and engine.scoring_due():
+            text = engine.take_unscored(FEED_CHARS)
+            run.asking = asyncio.create_task(self._ask(run.guard, text))
+        return []
+
+    def asking(self) -> list[asyncio.Task[Asked]]:
+        """The verdicts out, one per choice at most."""
+        return [c.asking for c in self.choices.values() if c.asking is not None]
+
+    def answered(self) -> list[Choice]:
+        """The choices whose verdict has come, in index order."""
+        return [c for _, c in sorted(self.choices.items()) if c.asking is not None and c.asking.done()]
+
+    async def answer(self, run: Choice, *, again: bool = True) -> list[Output]:
+        """Apply the verdict `ask` asked for (waiting for it if it is still out); `again`: then ask for
+        the text that arrived meanwhile."""
+        task, run.asking = run.asking, None
+        if task is None:
+            return []
+        asked = await task
+        if asked.guard is not run.guard or run.engine.state is not State.STREAMING:
+            return []  # asked about an attempt that has ended since
+        if asked.verdict is not None:
+            step = self._judged(run, asked.verdict)
+        else:
+            step = self._failed(run, asked.failure, counted=asked.counted)
+        self._observe(step)
+        if any(isinstance(o, ResetEvent) and o.action is Action.CONTINUE for o in step):
+            self._restart_guard(run)
+        return step + (await self.ask(run) if again else [])
+
+    async def _ask(self, guard: GuardStream, text: str, final: bool = False) -> Asked:
+        """One feed within the guard's timeout; a failure is returned as such, never raised."""
+        started = time.perf_counter()
+        try:
+            verdict = await asyncio.wait_for(guard.feed(text, final=final), self.policy.guard_timeout_seconds)
+        except (TimeoutError, GuardError) as exc:
+            kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            # A remote judge counts its own failures, by detector (`proxy.server.judges`).
+            return Asked(guard, None, kind, counted=getattr(exc, "counted", False))
+        except Exception:
+            log.exception("guard failed")
+            return Asked(guard, None, "error")
+        self.metrics.guard_latency.labels(self.labels.policy).observe(time.perf_counter() - started)
+        return Asked(guard, verdict)
 
     async def _verdict(self, run: Choice, text: str, final: bool) -> list[Output]:
         if run.inline is not None:
             return self._judged(run, run.inline.feed_sync(text, final=final))
-        started = time.perf_counter()
-        try:
-            verdict = await asyncio.wait_for(
-                run.guard.feed(text, final=final), self.policy.guard_timeout_seconds
-            )
-        except (TimeoutError, GuardError) as exc:
-            kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
-            # A remote judge counts its own failures, by detector (`proxy.server.judges`).
-            return self._failed(run, kind, counted=getattr(exc, "counted", False))
-        except Exception:
-            log.exception("guard failed")
-            return self._failed(run, "error")
-        self.metrics.guard_latency.labels(self.labels.policy).observe(time.perf_counter() - started)
-        return self._judged(run, verdict)
+        asked = await self._ask(run.guard, text, final)
+        if asked.verdict is None:
+            return self._failed(run, asked.failure, counted=asked.counted)
+        return self._judged(run, asked.verdict)
 
     def _judged(self, run: Choice, verdict: Verdict) -> list[Output]:
         outputs = run.engine.on_verdict(verdict)
@@ -218,4 +286,6 @@ class GuardedResponse:
 
     def close(self) -> None:
         for choice in self.choices.values():
+            if choice.asking is not None:
+                choice.asking.cancel()
             choice.guard.close()

@@ -18,9 +18,11 @@ nothing left for them), then are asked for in turn; the client's stream ends aft
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -297,15 +299,48 @@ class Relay:
         """One upstream response, until it ends or has nothing left for the choices it answers."""
         self.codec.begin_attempt()
         self.upstream_done = self.said_done = False
-        async for data in read_chunks(up):
-            # While text is held back nothing is written, and only a write notices a gone client (the
-            # watch also looks while the upstream is silent).
-            self.watch.count(data)
-            self.watch.check()
-            await self._send(response, await self._handle(self.codec.feed(data), sink))
-            if self.upstream_done or self._waits_for_another():
-                return
+        chunks = read_chunks(up)
+        reading: asyncio.Task[bytes | None] | None = None
+        try:
+            while True:
+                asking = self.guarded.asking()
+                out = b""
+                if not asking and reading is None:
+                    data = await _next(chunks)  # no verdict is out: the plain loop
+                else:
+                    # A verdict is out: whichever comes first, the upstream's next chunk or a verdict.
+                    if reading is None:
+                        reading = asyncio.create_task(_next(chunks))
+                    await asyncio.wait([reading, *asking], return_when=asyncio.FIRST_COMPLETED)
+                    # Verdicts first: they were asked for before the chunk's text arrived.
+                    out = await self._answers(sink)
+                    if not reading.done():
+                        await self._send(response, out)
+                        continue
+                    data, reading = reading.result(), None
+                if data is None:
+                    await self._send(response, out)
+                    break
+                # While text is held back nothing is written, and only a write notices a gone client
+                # (the watch also looks while the upstream is silent).
+                self.watch.count(data)
+                self.watch.check()
+                await self._send(response, out + await self._handle(self.codec.feed(data), sink))
+                if self.upstream_done or self._waits_for_another():
+                    return
+        finally:
+            if reading is not None:
+                reading.cancel()
+                if reading.done() and not reading.cancelled():
+                    reading.exception()  # retrieved: the error that ended the loop is the one raised
         await self._send(response, await self._handle(self.codec.flush(), sink))
+
+    async def _answers(self, sink: Sink) -> bytes:
+        """The verdicts that have come, applied and written out."""
+        out = bytearray()
+        for choice in self.guarded.answered():
+            out += self.emit(choice, await self.guarded.answer(choice), sink)
+        return bytes(out)
 
     def _waits_for_another(self) -> bool:
         """None of the choices this upstream response answers is still streaming, and one waits to be
@@ -343,7 +378,7 @@ class Relay:
             elif isinstance(event, Done):
                 self.upstream_done = self.said_done = True
         for choice in touched.values():
-            out += self.emit(choice, await self.guarded.score(choice), sink)
+            out += self.emit(choice, await self.guarded.ask(choice), sink)
         if self.upstream_done and not self.pending:
             out += await self._end_all(sink)
         return bytes(out)
@@ -442,6 +477,14 @@ class Relay:
         except ValueError:
             raise UpstreamError("upstream sent a malformed response") from None
         return answer  # type: ignore[no-any-return]  # answer_choices vouched for its shape
+
+
+async def _next(chunks: AsyncIterator[bytes]) -> bytes | None:
+    """The upstream's next chunk; None at its end."""
+    try:
+        return await anext(chunks)
+    except StopAsyncIteration:
+        return None
 
 
 def _upstream_rest(outputs: list[Output], event: ChoiceFinish) -> JSON | None:
