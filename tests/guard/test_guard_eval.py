@@ -13,12 +13,14 @@ import pytest
 from guard import cli
 from guard.data import Row
 from guard.evaluate import (
+    FALSE_RESET_LIMITS,
     Scored,
     agreement,
     average_precision,
     metrics,
     score_rows,
     score_rows_fast,
+    sweep_operating_points,
     windows,
 )
 from guard.scorer import load_scorer
@@ -212,3 +214,28 @@ def test_agreement_counts_same_decisions_and_both_auprcs() -> None:
     assert table["f"]["auprc"] == pytest.approx(1.0) and table["f"]["auprc_other"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="same rows"):
         agreement(scored, mine, theirs[::-1])
+
+
+def test_the_sweep_keeps_every_false_reset_limit_it_is_given() -> None:
+    def scored(file: str, harmful: bool, logit: float) -> Scored:
+        return Scored(Row(file, f"{file}-{logit}", None, "", harmful, file), [logit, logit])
+
+    rows = [
+        scored("f", True, 3.0),
+        scored("f", True, 0.5),
+        scored("f", False, 1.0),  # a safe answer that scores above a harmful one
+        scored("alpaca_eval", False, -5.0),
+    ]
+
+    def k2(limits: dict[str, float] | None) -> dict[str, float]:
+        return next(r for r in sweep_operating_points(rows, 0.5, limits) if r["k"] == 2)
+
+    # Ordinary answers only: both harmful rows and the safe one reset (F1 0.8).
+    assert (k2(None)["logit_bias"], k2(None)["f1"]) == (-0.5, pytest.approx(0.8))
+    # The labelled files' safe rows too: the safe row must pass, so the weaker harmful one does.
+    strict = k2(FALSE_RESET_LIMITS)
+    assert (strict["logit_bias"], strict["f1"], strict["labelled_false_reset"]) == (
+        -3.0,
+        pytest.approx(2 / 3),
+        0.0,
+    )
