@@ -53,6 +53,12 @@ class Choice:
     def __post_init__(self) -> None:
         self.inline = self.guard if isinstance(self.guard, InlineStream) else None
 
+    def drop_asking(self) -> None:
+        """Forget the verdict out, if any: it is about text or an attempt that no longer counts."""
+        if self.asking is not None:
+            self.asking.cancel()
+            self.asking = None
+
     @property
     def state(self) -> State:
         return self.engine.state
@@ -62,7 +68,6 @@ class Choice:
 class Asked:
     """What the guard answered to one feed: a verdict, or why there is none."""
 
-    guard: GuardStream  # the stream asked: a restarted guard's answer is stale
     verdict: Verdict | None
     failure: str = ""  # without a verdict: "timeout", the GuardError's class name, or "error"
     counted: bool = False  # the failure was counted where it happened (a remote judge)
@@ -121,9 +126,7 @@ class GuardedResponse:
         """The upstream failed mid-stream: every choice ends where it is, its held text dropped."""
         for choice in self.choices.values():
             choice.engine.abandon()
-            if choice.asking is not None:
-                choice.asking.cancel()
-                choice.asking = None
+            choice.drop_asking()
 
     def begin_again(self, choice: Choice) -> None:
         """A regenerated answer for this choice starts: a new attempt, read afresh."""
@@ -136,9 +139,7 @@ class GuardedResponse:
 
     def _restart_guard(self, choice: Choice) -> None:
         """A new attempt (regenerated, or the upstream's continuation) is read from its start."""
-        if choice.asking is not None:
-            choice.asking.cancel()  # its answer is about the attempt that ended
-            choice.asking = None
+        choice.drop_asking()  # its answer is about the attempt that ended
         choice.guard.close()
         choice.guard = self.guard.open(self.prompt)
         choice.inline = choice.guard if isinstance(choice.guard, InlineStream) else None
@@ -209,13 +210,7 @@ class GuardedResponse:
         task, run.asking = run.asking, None
         if task is None:
             return []
-        asked = await task
-        if asked.guard is not run.guard or run.engine.state is not State.STREAMING:
-            return []  # asked about an attempt that has ended since
-        if asked.verdict is not None:
-            step = self._judged(run, asked.verdict)
-        else:
-            step = self._failed(run, asked.failure, counted=asked.counted)
+        step = self._apply(run, await task)
         self._observe(step)
         if any(isinstance(o, ResetEvent) and o.action is Action.CONTINUE for o in step):
             self._restart_guard(run)
@@ -229,20 +224,22 @@ class GuardedResponse:
         except (TimeoutError, GuardError) as exc:
             kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
             # A remote judge counts its own failures, by detector (`proxy.server.judges`).
-            return Asked(guard, None, kind, counted=getattr(exc, "counted", False))
+            return Asked(None, kind, counted=getattr(exc, "counted", False))
         except Exception:
             log.exception("guard failed")
-            return Asked(guard, None, "error")
+            return Asked(None, "error")
         self.metrics.guard_latency.labels(self.labels.policy).observe(time.perf_counter() - started)
-        return Asked(guard, verdict)
+        return Asked(verdict)
+
+    def _apply(self, run: Choice, asked: Asked) -> list[Output]:
+        if asked.verdict is None:
+            return self._failed(run, asked.failure, counted=asked.counted)
+        return self._judged(run, asked.verdict)
 
     async def _verdict(self, run: Choice, text: str, final: bool) -> list[Output]:
         if run.inline is not None:
             return self._judged(run, run.inline.feed_sync(text, final=final))
-        asked = await self._ask(run.guard, text, final)
-        if asked.verdict is None:
-            return self._failed(run, asked.failure, counted=asked.counted)
-        return self._judged(run, asked.verdict)
+        return self._apply(run, await self._ask(run.guard, text, final))
 
     def _judged(self, run: Choice, verdict: Verdict) -> list[Output]:
         outputs = run.engine.on_verdict(verdict)
@@ -286,6 +283,5 @@ class GuardedResponse:
 
     def close(self) -> None:
         for choice in self.choices.values():
-            if choice.asking is not None:
-                choice.asking.cancel()
+            choice.drop_asking()
             choice.guard.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,17 +141,20 @@ def test_calibration_slice_is_by_prompt_and_left_out_of_training(tiny_base: Path
     assert calibration_rows(rows, 0.0) == []
 
 
+# File f holds both classes (2 harmful, 2 safe), file g only safe answers (4), weighted 3.
+WEIGHED_ROWS = [Row("s", str(i), "q", "a b", i < 2, "f" if i < 4 else "g") for i in range(8)]
+WEIGHED_CFG: dict[str, Any] = {
+    "model": {"max_prompt_tokens": 4},
+    "max_response_tokens": 8,
+    "min_onset": 1,
+    "window_fraction": 0.0,
+    "file_weights": {"g": 3.0},
+}
+
+
 def test_file_weights_then_class_balance(tiny_base: Path) -> None:
     tok = GuardTokenizer(tiny_base)
-    rows = [Row("s", str(i), "q", "a b", i < 2, "f" if i < 4 else "g") for i in range(8)]
-    cfg = {
-        "model": {"max_prompt_tokens": 4},
-        "max_response_tokens": 8,
-        "min_onset": 1,
-        "window_fraction": 0.0,
-        "file_weights": {"g": 3.0},
-    }
-    examples = build_examples(rows, tok, cfg, random.Random(0))
+    examples = build_examples(WEIGHED_ROWS, tok, WEIGHED_CFG, random.Random(0))
     assert sorted(e.weight for e in examples) == [1.0] * 4 + [3.0] * 4
     weights = class_balanced_weights(examples)
     harmful = sum(w for w, e in zip(weights, examples, strict=True) if e.harmful)
@@ -162,19 +166,9 @@ def test_file_weights_then_class_balance(tiny_base: Path) -> None:
 
 def test_safe_rows_of_mixed_files_weigh_more_and_nothing_else_does(tiny_base: Path) -> None:
     tok = GuardTokenizer(tiny_base)
-    # f holds both classes, g only safe answers
-    rows = [Row("s", str(i), "q", "a b", i < 2, "f" if i < 4 else "g") for i in range(8)]
-    cfg = {
-        "model": {"max_prompt_tokens": 4},
-        "max_response_tokens": 8,
-        "min_onset": 1,
-        "window_fraction": 0.0,
-        "file_weights": {"g": 3.0},
-        "safe_weight_in_mixed_files": 1.5,
-    }
-    examples = build_examples(rows, tok, cfg, random.Random(0))
+    cfg = {**WEIGHED_CFG, "safe_weight_in_mixed_files": 1.5}
+    examples = build_examples(WEIGHED_ROWS, tok, cfg, random.Random(0))
     by_kind = {(e.file, e.harmful): e.weight for e in examples}
     assert by_kind == {("f", True): 1.0, ("f", False): 1.5, ("g", False): 3.0}
-    assert [e.ids for e in examples] == [
-        e.ids for e in build_examples(rows, tok, {**cfg, "safe_weight_in_mixed_files": 1.0}, random.Random(0))
-    ]
+    plain = build_examples(WEIGHED_ROWS, tok, WEIGHED_CFG, random.Random(0))
+    assert [e.ids for e in examples] == [e.ids for e in plain]
