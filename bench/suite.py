@@ -32,7 +32,9 @@ unjudged, and the slowest 1% of answers ended at most 10% later than the upstrea
 
 Last, with the servers stopped, the guard scores `proxy`-free: `backtrack bench guard`'s workload at
 `--guard-streams` concurrent streams, tokens/s against its roofline (this CPU's measured matmul FLOP/s x
-the model's FLOPs per token).
+the model's FLOPs per token); and the floor under the CPU target (`bench.floor`): the CPU of an idle event
+loop woken once per chunk period of each paced rate, which a proxy at one stream spends per chunk before
+doing anything.
 
 A benchmark, not a test: nothing here asserts a timing.
 """
@@ -40,6 +42,7 @@ A benchmark, not a test: nothing here asserts a timing.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -54,6 +57,7 @@ from typing import Any
 import aiohttp
 
 from bench.command import PACKAGE_ROOT, add_command, number_list, publish, run_in_workdir
+from bench.floor import wakeup_floor
 from bench.litellm_peer import DEFAULT_LITELLM_VENV, LITELLM_SPEC, ensure_litellm, start_litellm
 from bench.load import BENCH_PROMPT, Load, Target, Workload, bench_row, expected_answers, run_path
 from bench.measure import added_latency
@@ -77,6 +81,8 @@ from proxy.replay.app import Row
 # A one-token answer: warming up 256 connections through a slow path must not cost a full answer each.
 WARMUP_PROMPT = "Say ready."
 WARMUP_ROW = Row(prompt=WARMUP_PROMPT, response="Ready")
+# Wakeups of the idle-loop floor per paced rate (`bench.floor`): 3 s at 50 tokens/s.
+FLOOR_WAKEUPS = 150
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -189,6 +195,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         from bench.guard import guard_roofline  # torch: only when the guard runs
 
         roofline = await guard_roofline(checkpoint, args.guard_streams, args.threads)
+    # Its own loop, in a thread: this one is the load client's.
+    floors = [await asyncio.to_thread(wakeup_floor, 1 / rate, FLOOR_WAKEUPS) for rate in args.rates if rate]
 
     report: dict[str, Any] = {
         "command": "backtrack bench all " + " ".join(_argv(args)),
@@ -206,6 +214,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "results": results,
         "peaks": peaks,
         "guard_roofline": roofline,
+        "wakeup_floor": floors,
     }
     report["added"] = [
         {"rate": rate, **entry}

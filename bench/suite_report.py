@@ -100,6 +100,18 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {row['streams']} | {row['tokens_per_s']:.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
                 f"| {row['roofline']:.1%} |"
             )
+    floors = report.get("wakeup_floor") or []
+    if floors:
+        lines += [
+            "",
+            "### Floor: an idle event loop woken once per chunk period",
+            "",
+            "| chunk period ms | loop | wakeups | CPU s / 1k wakeups |",
+            "|--:|---|--:|--:|",
+        ]
+        for f in floors:
+            cpu = f["cpu_s_per_1k_wakeups"]
+            lines.append(f"| {f['period_s'] * 1000:g} | {f['loop']} | {f['wakeups']} | {cpu:.3f} |")
     lines += ["", "### Targets", "", "| target | where | measured | met |", "|---|---|--:|:-:|"]
     for t in report["summary"]["targets"]:
         lines.append(f"| {t['target']} | {t['where']} | {t['measured'] or '–'} | {_mark(t['met'])} |")

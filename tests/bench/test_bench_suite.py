@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,6 +90,9 @@ def test_a_tiny_run_of_direct_backtrack_and_the_guard_writes_tables_json_and_plo
     assert {(p["rate"], p["path"]) for p in report["peaks"]} == {(r, p) for r in (None, 500.0) for p in paths}
     assert all(p["peak_rss_bytes"] > 0 for p in report["peaks"])
     assert [row["streams"] for row in report["guard_roofline"]["rows"]] == [1]
+    # The idle-loop floor, at the one paced rate's chunk period (2 ms at 500 tokens/s).
+    [floor] = report["wakeup_floor"]
+    assert floor["period_s"] == pytest.approx(0.002) and floor["cpu_s_per_1k_wakeups"] > 0
     assert set(report["summary"]["sustained_streams"]) == set(paths)
     targets = report["summary"]["targets"]
     assert len({t["target"] for t in targets}) == 7  # every target is listed, measured or not
@@ -100,6 +104,7 @@ def test_a_tiny_run_of_direct_backtrack_and_the_guard_writes_tables_json_and_plo
     assert report["command"].startswith("backtrack bench all --concurrency 1 --rates 0,500 ")
     assert table.startswith("Machine: ")
     assert "### Upstream 500 tokens/s" in table and "### Guard against its roofline" in table
+    assert "### Floor: an idle event loop woken once per chunk period" in table
     assert table.strip() in printed
     for name in ("bench-all-unthrottled.png", "bench-all-500tps.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
@@ -163,12 +168,19 @@ def test_the_speed_targets_are_read_from_the_paced_cells_the_guard_rows_and_the_
         for n, ttft, cpu in [(1, 1.5, 0.05), (16, 2.5, 0.08), (32, 4.0, 0.12)]
     ] + [{"rate": 50.0, "path": "backtrack+guard", "concurrency": 32, "added_ttft_p50_ms": 500.0,
           "cpu_vs_litellm": None, "added_gap_p99_ms": 40.0}]  # fmt: skip
-    report = {
+    report: dict[str, Any] = {
         "results": [{"rate": 50.0, "path": "backtrack+guard", "concurrency": 32, "sustained": True}],
         "guard_roofline": {"rows": [{"streams": 32, "tokens_per_s": 2600.0, "roofline": 0.5}]},
         "peaks": [{"rate": 50.0, "path": "backtrack+guard", "peak_rss_bytes": 600 * 2**20}],
     }
     met = {t["target"]: t["met"] for t in targets(report, ratios)}
+    cpu = "guard off: CPU / 1k chunks ≤ 0.1 x LiteLLM's"
+    assert {t["target"]: t["measured"] for t in targets(report, ratios)}[cpu] == "0.050 / 0.080 / 0.120 x"
+    # With the idle-loop floor and LiteLLM's one-stream cell, the floor's share is shown beside them.
+    report["wakeup_floor"] = [{"period_s": 0.02, "cpu_s_per_1k_wakeups": 0.2}]
+    report["results"].append({"rate": 50.0, "path": "litellm", "concurrency": 1, "cpu_s_per_1k_chunks": 1.6})
+    shown = {t["target"]: t["measured"] for t in targets(report, ratios)}[cpu]
+    assert shown == "0.050 / 0.080 / 0.120 x (an idle loop woken once per chunk: 0.125 x at 1 stream)"
     assert met == {
         "guard off: added TTFT p50 ≤ 2 ms at 1 streams": True,
         "guard off: added TTFT p50 ≤ 2 ms at 16 streams": False,
