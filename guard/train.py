@@ -27,10 +27,16 @@ from guard.tokenize import GuardTokenizer
 
 
 def load_config(path: Path) -> dict[str, Any]:
-    cfg: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
-    cfg["train_files"] = [(path.parent / p).resolve() for p in cfg["train_files"]]
-    if cfg.get("init_from"):
-        cfg["init_from"] = (path.parent / cfg["init_from"]).resolve()
+    """A training config; `extends: BASE.yaml` reads BASE first and overrides its top-level keys (each
+    file's paths relative to itself), so a one-change experiment says only its change."""
+    own: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    base = own.pop("extends", None)
+    cfg = load_config(path.parent / base) if base else {}
+    if "train_files" in own:
+        own["train_files"] = [(path.parent / p).resolve() for p in own["train_files"]]
+    if own.get("init_from"):
+        own["init_from"] = (path.parent / own["init_from"]).resolve()
+    cfg.update(own)
     return cfg
 
 

@@ -10,7 +10,15 @@ import torch
 import yaml
 
 from guard.model import load_checkpoint
-from guard.train import ExtraLosses, aggregated_max, early_response, lr_at, monotone_penalty, train
+from guard.train import (
+    ExtraLosses,
+    aggregated_max,
+    early_response,
+    load_config,
+    lr_at,
+    monotone_penalty,
+    train,
+)
 
 ROWS = [
     {
@@ -115,3 +123,22 @@ def test_the_extra_losses_change_what_is_learned(tiny_base: Path, tmp_path: Path
     )
     other, _ = load_checkpoint(train(extras, tmp_path / "extras"))
     assert not torch.equal(model.head.weight, other.head.weight)
+
+
+def test_a_config_that_extends_another_overrides_its_keys_and_resolves_each_files_paths(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "runs").mkdir()
+    base = {"train_files": ["data/a.jsonl"], "init_from": "ckpt", "epochs": 2, "lr": 1e-4}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
+    child = {"extends": "../base.yaml", "epochs": 1, "init_from": "other"}
+    (tmp_path / "runs" / "child.yaml").write_text(yaml.safe_dump(child), encoding="utf-8")
+
+    cfg = load_config(tmp_path / "runs" / "child.yaml")
+
+    assert cfg == {
+        "train_files": [(tmp_path / "data" / "a.jsonl").resolve()],  # the base's, relative to the base
+        "init_from": (tmp_path / "runs" / "other").resolve(),  # the child's, relative to the child
+        "epochs": 1,
+        "lr": 1e-4,
+    }
