@@ -196,7 +196,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         roofline = await guard_roofline(checkpoint, args.guard_streams, args.threads)
     # Its own loop, in a thread: this one is the load client's.
-    floors = [await asyncio.to_thread(wakeup_floor, 1 / rate, FLOOR_WAKEUPS) for rate in args.rates if rate]
+    floors = [
+        {"rate": rate, **await asyncio.to_thread(wakeup_floor, 1 / rate, FLOOR_WAKEUPS)}
+        for rate in args.rates
+        if rate
+    ]
 
     report: dict[str, Any] = {
         "command": "backtrack bench all " + " ".join(_argv(args)),

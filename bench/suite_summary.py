@@ -164,9 +164,7 @@ def targets(report: dict[str, Any], ratios: list[dict[str, Any]]) -> list[dict[s
 def _floor_share(report: dict[str, Any]) -> float | None:
     """The idle-loop floor at the target rate's chunk period (`bench.floor`) over LiteLLM's CPU per 1k
     chunks at one stream: the least CPU ratio a proxy woken once per chunk can have at one stream."""
-    floor = next(
-        (f for f in report.get("wakeup_floor") or [] if abs(f["period_s"] * TARGET_RATE - 1) < 1e-9), None
-    )
+    floor = next((f for f in report.get("wakeup_floor") or [] if f["rate"] == TARGET_RATE), None)
     litellm = next(
         (r for r in report["results"]
          if r["path"] == "litellm" and r["rate"] == TARGET_RATE and r["concurrency"] == 1),

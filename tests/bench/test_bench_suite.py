@@ -92,7 +92,8 @@ def test_a_tiny_run_of_direct_backtrack_and_the_guard_writes_tables_json_and_plo
     assert [row["streams"] for row in report["guard_roofline"]["rows"]] == [1]
     # The idle-loop floor, at the one paced rate's chunk period (2 ms at 500 tokens/s).
     [floor] = report["wakeup_floor"]
-    assert floor["period_s"] == pytest.approx(0.002) and floor["cpu_s_per_1k_wakeups"] > 0
+    assert floor["rate"] == 500.0 and floor["period_s"] == pytest.approx(0.002)
+    assert floor["cpu_s_per_1k_wakeups"] > 0
     assert set(report["summary"]["sustained_streams"]) == set(paths)
     targets = report["summary"]["targets"]
     assert len({t["target"] for t in targets}) == 7  # every target is listed, measured or not
@@ -177,7 +178,7 @@ def test_the_speed_targets_are_read_from_the_paced_cells_the_guard_rows_and_the_
     cpu = "guard off: CPU / 1k chunks ≤ 0.1 x LiteLLM's"
     assert {t["target"]: t["measured"] for t in targets(report, ratios)}[cpu] == "0.050 / 0.080 / 0.120 x"
     # With the idle-loop floor and LiteLLM's one-stream cell, the floor's share is shown beside them.
-    report["wakeup_floor"] = [{"period_s": 0.02, "cpu_s_per_1k_wakeups": 0.2}]
+    report["wakeup_floor"] = [{"rate": 50.0, "period_s": 0.02, "cpu_s_per_1k_wakeups": 0.2}]
     report["results"].append({"rate": 50.0, "path": "litellm", "concurrency": 1, "cpu_s_per_1k_chunks": 1.6})
     shown = {t["target"]: t["measured"] for t in targets(report, ratios)}[cpu]
     assert shown == "0.050 / 0.080 / 0.120 x (an idle loop woken once per chunk: 0.125 x at 1 stream)"
